@@ -1,0 +1,1 @@
+"""Hydra config groups shipped with trainctl (one YAML per option)."""

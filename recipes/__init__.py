@@ -1,0 +1,1 @@
+"""Curated experiments, applied with `trainctl run +recipe=NAME`."""

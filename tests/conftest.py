@@ -1,0 +1,68 @@
+"""Shared helpers: compose a spec the way the CLI does, build runs, write small data files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose(overrides: Sequence[str] = (), base_dir: str = "."):
+    from trainctl.config import compose_spec
+
+    return compose_spec(list(overrides), os.path.abspath(base_dir))[1]
+
+
+def build(overrides: Sequence[str] = (), base_dir: str = "."):
+    from trainctl.build import build_run
+
+    return build_run(compose(overrides, base_dir), base_dir=os.path.abspath(base_dir))
+
+
+def trainctl(args: List[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would, in a subprocess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "trainctl", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    """A small, learnable text: repeated sentences with a few variations (about 20 KB)."""
+    rng = np.random.default_rng(0)
+    words = ["the cat sat on the mat.", "a dog ran in the park.", "birds sing at dawn.",
+             "rain falls on the roof.", "the sun rises in the east."]
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(words[i] for i in rng.integers(0, len(words), 900)))
+    return path
+
+
+@pytest.fixture
+def csv_classification(tmp_path: Path) -> Path:
+    """400 rows: label is 'pos' when x1 + 2*x2 > 0, plus a noise column; features on very different scales."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 3)) * np.array([1.0, 1.0, 100.0]) + np.array([0.0, 0.0, 500.0])
+    label = np.where(x[:, 0] + 2 * x[:, 1] > 0, "pos", "neg")
+    lines = ["x1,x2,noise,label"] + [f"{a:.5f},{b:.5f},{c:.3f},{l}" for (a, b, c), l in zip(x, label)]
+    path = tmp_path / "points.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def tsv_regression(tmp_path: Path) -> Path:
+    """300 rows of y = 3*a - 2*b + 50 (+ small noise), tab-separated."""
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=300), rng.normal(size=300)
+    y = 3 * a - 2 * b + 50 + rng.normal(scale=0.05, size=300)
+    path = tmp_path / "reg.tsv"
+    path.write_text("a\tb\ty\n" + "".join(f"{p:.5f}\t{q:.5f}\t{r:.5f}\n" for p, q, r in zip(a, b, y)))
+    return path

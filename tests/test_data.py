@@ -1,0 +1,100 @@
+"""Datasets: the digits split, CSV/TSV loading (task inference, train-only standardisation), text windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import compose
+from trainctl.data import load
+from trainctl.errors import ConfigError
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint():
+    arrays = load(compose([]).data)
+    assert arrays.x_train.shape == (1437, 1, 8, 8) and arrays.x_val.shape == (360, 1, 8, 8)
+    assert 0.0 <= arrays.x_train.min() and arrays.x_train.max() <= 1.0
+    assert np.bincount(arrays.y_val).min() >= 35, "every class is in the validation split"
+    train = {x.tobytes() for x in arrays.x_train}
+    assert not any(x.tobytes() in train for x in arrays.x_val)
+    again = load(compose([]).data)
+    assert np.array_equal(arrays.y_val, again.y_val)
+
+
+def test_csv_classification_with_text_labels(csv_classification):
+    arrays = load(compose(["data=csv", f"data.path={csv_classification}", "data.target=label"]).data)
+    info = arrays.info
+    assert info.task == "classification" and info.class_names == ("neg", "pos") and info.input_shape == (3,)
+    assert info.n_train == 320 and info.n_val == 80
+    # standardisation uses the training split only
+    assert np.allclose(arrays.x_train.mean(0), 0, atol=1e-5) and np.allclose(arrays.x_train.std(0), 1, atol=1e-4)
+    assert not np.allclose(arrays.x_val.mean(0), 0, atol=1e-3)
+
+
+def test_tsv_regression_is_inferred_and_targets_scaled(tsv_regression):
+    arrays = load(compose(["data=csv", f"data.path={tsv_regression}", "data.target=y"]).data)
+    info = arrays.info
+    assert info.task == "regression" and info.num_targets == 1
+    assert info.target_mean[0] == pytest.approx(50, abs=0.5)
+    restored = arrays.y_val[:, 0] * info.target_std[0] + info.target_mean[0]
+    raw = np.loadtxt(tsv_regression, delimiter="\t", skiprows=1)[:, 2]
+    nearest = np.abs(restored[:, None] - raw[None, :]).min(axis=1)
+    assert nearest.max() < 1e-3, "un-scaled validation targets are the file's own values"
+
+
+def test_integer_target_with_few_values_is_classification(tmp_path):
+    path = tmp_path / "ints.csv"
+    rows = [f"{i % 7},{(i * 37) % 11},{i % 3}" for i in range(60)]
+    path.write_text("a,b,cls\n" + "\n".join(rows) + "\n")
+    spec = compose(["data=csv", f"data.path={path}", "data.target=cls"]).data
+    assert load(spec).info.num_classes == 3
+    forced = compose(["data=csv", f"data.path={path}", "data.target=cls", "data.task=regression",
+                      "loss=mse"]).data
+    assert load(forced).info.task == "regression"
+
+
+def test_feature_selection_and_non_numeric_features(tmp_path, csv_classification):
+    spec = compose(["data=csv", f"data.path={csv_classification}", "data.target=label",
+                    "data.features=[x1,x2]"]).data
+    assert load(spec).info.input_shape == (2,)
+    path = tmp_path / "mixed.csv"
+    path.write_text("city,x,y\n" + "\n".join(f"{c},{i},{i % 2}" for i, c in enumerate(["a", "b"] * 10)) + "\n")
+    with pytest.raises(ConfigError, match="column 'city' is not numeric"):
+        load(compose(["data=csv", f"data.path={path}", "data.target=y"]).data)
+
+
+def test_ragged_csv_names_the_line(tmp_path):
+    path = tmp_path / "ragged.csv"
+    path.write_text("a,b,y\n1,2,0\n3,4\n" + "5,6,1\n" * 20)
+    with pytest.raises(ConfigError, match="line 3 has 2 fields"):
+        compose(["data=csv", f"data.path={path}", "data.target=y"])
+
+
+def test_text_windows_are_next_byte_pairs(text_file):
+    from trainctl.batches import build_batches
+    import torch
+
+    spec = compose(["data=text", f"data.path={text_file}", "model=gpt", "data.seq_len=32"]).data
+    bundle = build_batches(spec, load(spec), torch.device("cpu"))
+    x, y = next(bundle.train.epoch(0))
+    assert x.shape == y.shape == (32, 32) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1]), "targets are the inputs shifted by one byte"
+    raw = text_file.read_bytes()
+    assert bytes(x[0].tolist()) in raw
+    cut = int(len(raw) * 0.9)
+    val_x, _ = next(bundle.val.epoch(0))
+    assert bytes(val_x[0].tolist()) == raw[cut:cut + 32], "validation comes from the end of the file"
+
+
+def test_text_too_short_for_seq_len(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("hello world")
+    with pytest.raises(ConfigError, match="too few"):
+        compose(["data=text", f"data.path={path}", "model=gpt"])
+
+
+def test_synthetic_data_is_seeded():
+    a = load(compose(["data=synthetic", "data.seed=3"]).data)
+    b = load(compose(["data=synthetic", "data.seed=3"]).data)
+    c = load(compose(["data=synthetic", "data.seed=4"]).data)
+    assert np.array_equal(a.x_train, b.x_train) and not np.array_equal(a.x_train, c.x_train)

@@ -1,0 +1,152 @@
+"""Batches from in-memory datasets: tensors on the target device, sliced a whole batch at a time.
+
+The order of an epoch is a pure function of (seed, epoch), so a run can restart at any batch index
+without drawing the batches before it. With ``num_workers > 0`` the same batches come from a torch
+DataLoader (per-sample fetch + default collate) for datasets that want worker processes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, List, Tuple
+
+import numpy as np
+import torch
+
+from trainctl.data import Arrays, DataInfo, DataSpec
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+class Source:
+    """Samples addressed by index: ``take(idx)`` returns the batch for a 1-D index tensor."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def take(self, idx: torch.Tensor) -> Batch:
+        raise NotImplementedError
+
+
+class TensorSource(Source):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def take(self, idx: torch.Tensor) -> Batch:
+        return self.x[idx], self.y[idx]
+
+
+class WindowSource(Source):
+    """Next-token sequences cut from one token stream: input ``t[s:s+L]``, target ``t[s+1:s+L+1]``."""
+
+    def __init__(self, tokens: torch.Tensor, starts: torch.Tensor, seq_len: int) -> None:
+        self.tokens, self.starts = tokens, starts
+        self.offsets = torch.arange(seq_len + 1, device=tokens.device)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def take(self, idx: torch.Tensor) -> Batch:
+        windows = self.tokens[self.starts[idx].unsqueeze(1) + self.offsets].long()
+        return windows[:, :-1], windows[:, 1:]
+
+
+class _SampleView(torch.utils.data.Dataset):
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        x, y = self.source.take(torch.tensor([i]))
+        return x[0], y[0]
+
+
+class Batches:
+    """The batches of one split; iterate an epoch with :meth:`epoch` (optionally from a batch index)."""
+
+    def __init__(self, source: Source, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
+                 num_workers: int = 0, device: torch.device = torch.device("cpu")) -> None:
+        self.source = source
+        self.device = device
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        n = len(self.source)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else len(self.source)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        n = len(self.source)
+        if not self.shuffle:
+            return torch.arange(n)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(n, generator=generator)
+
+    def index_batches(self, epoch: int, start: int = 0) -> List[torch.Tensor]:
+        chunks = list(self.order(epoch).split(self.batch_size))
+        if self.drop_last and chunks and len(chunks[-1]) < self.batch_size:
+            chunks.pop()
+        return chunks[start:]
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """Batches of ``epoch``, skipping the first ``start`` by index (nothing is drawn for them)."""
+        chunks = self.index_batches(epoch, start)
+        if self.num_workers == 0:
+            return (self.source.take(idx.to(self.device)) for idx in chunks)
+        loader = torch.utils.data.DataLoader(
+            _SampleView(self.source), batch_sampler=[c.tolist() for c in chunks],
+            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        return ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in loader)
+
+
+class DataBundle:
+    """Both splits of a dataset plus what the model, loss and metrics need to know about it."""
+
+    def __init__(self, info: DataInfo, train: Batches, val: Batches) -> None:
+        self.info, self.train, self.val = info, train, val
+
+
+def _sources(arrays: Arrays, device: torch.device) -> Tuple[Source, Source]:
+    if arrays.info.task == "lm":
+        def windows(tokens: np.ndarray, starts: np.ndarray) -> Source:
+            return WindowSource(torch.from_numpy(tokens.copy()).to(device),
+                                torch.from_numpy(starts).to(device), arrays.seq_len)
+        return windows(arrays.x_train, arrays.starts_train), windows(arrays.x_val, arrays.starts_val)
+
+    def tensors(x: np.ndarray, y: np.ndarray) -> Source:
+        return TensorSource(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+    return tensors(arrays.x_train, arrays.y_train), tensors(arrays.x_val, arrays.y_val)
+
+
+def build_batches(spec: DataSpec, arrays: Arrays, device: torch.device) -> DataBundle:
+    """In-memory datasets live on ``device``; with workers they stay on the CPU and batches move."""
+    where = device if spec.num_workers == 0 else torch.device("cpu")
+    train_src, val_src = _sources(arrays, where)
+    train = Batches(train_src, spec.batch_size, spec.shuffle, spec.drop_last, spec.seed, spec.num_workers, device)
+    val = Batches(val_src, spec.eval_batch_size or spec.batch_size, False, False, spec.seed, spec.num_workers,
+                  device)
+    return DataBundle(arrays.info, train, val)
+
+
+def windows_of(batches: Iterator[Batch], size: int) -> Iterator[List[Batch]]:
+    """Group consecutive batches into accumulation windows of ``size`` (the last may be shorter)."""
+    window: List[Batch] = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window

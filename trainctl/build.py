@@ -1,0 +1,124 @@
+"""build_run(spec) -> Run: the only place that calls the group builders, in a fixed order, passing
+results between groups (data facts into the model and loss, parameter groups into the optimizer)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from trainctl import data as data_mod
+from trainctl.batches import DataBundle, build_batches
+from trainctl.errors import ConfigError
+from trainctl.loss import SumLoss, build_loss, out_features, resolve_loss
+from trainctl.metrics import Evaluator, MetricsWriter
+from trainctl.model import apply_dropout, build_model, is_custom, model_name, with_dropout
+from trainctl.optim import build_optimizer, has_train_eval_modes
+from trainctl.precision import Precision, build_precision
+from trainctl.regularization import GradClipper, param_groups
+from trainctl.schedule import Horizon, Schedule, build_scheduler
+from trainctl.spec import RunSpec, total_optimizer_steps
+
+
+@dataclass
+class Run:
+    """Everything the runner needs, built; the runner reads no config."""
+
+    spec: RunSpec
+    device: torch.device
+    data: DataBundle
+    model: torch.nn.Module
+    loss: SumLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: Schedule
+    precision: Precision
+    clipper: GradClipper
+    evaluator: Evaluator
+    horizon: Horizon
+    grad_accum_steps: int
+    eval_every_n_epochs: Optional[int]
+    eval_every_n_steps: Optional[int]
+    log_every_n_steps: int
+    monitor: str
+    mode: str
+    optimizer_has_modes: bool
+    """Schedule-free optimizers switch between train and eval weights with the model."""
+    run_dir: Optional[Path] = None
+    writer: Optional[MetricsWriter] = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device", f"'{name}' was requested but no CUDA device is available",
+                          "set trainer.device=cpu (or auto)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.device", "'mps' was requested but MPS is not available",
+                          "set trainer.device=cpu (or auto)")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = ".") -> Run:
+    device = resolve_device(spec.trainer.device)
+    bundle = build_batches(spec.data, data_mod.load(spec.data), device)
+    info = bundle.info
+    seed_everything(spec.trainer.seed)
+    model = build_model(with_dropout(spec.model, spec.regularization.dropout), info,
+                        out_features(spec.loss, info), base_dir, spec.allowed_target_prefixes)
+    if is_custom(spec.model):
+        apply_dropout(model, spec.regularization.dropout)
+    model.to(device)
+    optimizer = build_optimizer(spec.optimizer, param_groups(model, spec.regularization))
+    per_epoch, total = total_optimizer_steps(spec, len(bundle.train))
+    horizon = Horizon(total, per_epoch)
+    train_loss, eval_loss = build_loss(spec.loss, info, spec.regularization.label_smoothing)
+    trainer = spec.trainer
+    writer = MetricsWriter(run_dir, spec.logging.tensorboard) if run_dir is not None else None
+    return Run(
+        spec=spec, device=device, data=bundle, model=model, loss=train_loss, optimizer=optimizer,
+        scheduler=build_scheduler(spec.scheduler, optimizer, horizon),
+        precision=build_precision(spec.precision, device),
+        clipper=GradClipper(model.parameters(), spec.regularization),
+        evaluator=Evaluator(info, eval_loss, device), horizon=horizon,
+        grad_accum_steps=trainer.grad_accum_steps, eval_every_n_epochs=trainer.eval_every_n_epochs,
+        eval_every_n_steps=trainer.eval_every_n_steps, log_every_n_steps=spec.logging.log_every_n_steps,
+        monitor=spec.monitor(info.task), mode=spec.monitor_mode(info.task),
+        optimizer_has_modes=has_train_eval_modes(spec.optimizer), run_dir=run_dir, writer=writer)
+
+
+def plan(run: Run) -> Dict[str, Any]:
+    """What a run will do, before it trains (`trainctl show`, the run's opening log lines)."""
+    spec, info = run.spec, run.data.info
+    params = list({id(p): p for p in run.model.parameters()}.values())
+    return {
+        "data": f"{spec.data.name}: {info.task}, {info.n_train} train / {info.n_val} val samples"
+                + (f", {info.num_classes} classes" if info.num_classes else ""),
+        "model": f"{model_name(spec.model)}",
+        "parameters": sum(p.numel() for p in params),
+        "trainable parameters": sum(p.numel() for p in params if p.requires_grad),
+        "loss": resolve_loss(spec.loss, info.task).name,
+        "optimizer": f"{spec.optimizer.name} (lr {spec.optimizer.lr:g}, {len(run.optimizer.param_groups)} "
+                     f"parameter groups)",
+        "scheduler": spec.scheduler.name,
+        "batch size": spec.data.batch_size,
+        "gradient accumulation": run.grad_accum_steps,
+        "world size": 1,
+        "effective batch size": spec.data.batch_size * run.grad_accum_steps,
+        "batches per epoch": len(run.data.train),
+        "optimizer steps per epoch": run.horizon.steps_per_epoch,
+        "total optimizer steps": run.horizon.total_steps,
+        "device": str(run.device),
+        "precision": run.precision.name,
+    }

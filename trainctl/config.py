@@ -1,0 +1,237 @@
+"""Hydra glue: compose overrides into a RunSpec, turn Hydra/OmegaConf errors into one clear
+:class:`ConfigError`, check a command line before Hydra creates a run directory, and the task
+function `trainctl run` hands to Hydra.
+
+Nothing here imports torch: a typo is reported in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+from omegaconf import DictConfig
+
+from trainctl.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, did_you_mean, suggestion
+from trainctl.spec import CONF_DIR, RunSpec, load_spec, register_configs, unknown_keys
+
+CONFIG_NAME = "train"
+
+
+@contextlib.contextmanager
+def _hydra(config_name: str = CONFIG_NAME) -> Iterator[None]:
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="trainctl"):
+        yield
+
+
+def _compose(overrides: Sequence[str], config_name: str = CONFIG_NAME) -> DictConfig:
+    from hydra import compose
+
+    return compose(config_name, overrides=list(overrides))
+
+
+def compose_spec(overrides: Sequence[str], base_dir: str, config_name: str = CONFIG_NAME) -> Tuple[DictConfig, RunSpec]:
+    """Compose and validate; any problem is raised as a ConfigError naming the key and the fix."""
+    with _hydra(config_name):
+        try:
+            cfg = _compose(overrides, config_name)
+        except ConfigError:
+            raise
+        except Exception as exc:  # Hydra and OmegaConf report problems with many exception types
+            raise translate(exc, overrides, config_name) from None
+        extra = unknown_keys(cfg)
+        if extra:
+            raise _unknown_key(extra[0], overrides, config_name, groups_too=True)
+        return cfg, load_spec(cfg, base_dir)
+
+
+def group_options(group: str) -> List[str]:
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    return [o for o in loader.get_group_options(group) if not o.startswith("_")]
+
+
+def _groups() -> List[str]:
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    return [g for g in loader.list_groups("") if g not in ("hydra", "schema")]
+
+
+def translate(exc: BaseException, overrides: Sequence[str], config_name: str = CONFIG_NAME) -> ConfigError:
+    """A Hydra/OmegaConf composition error as one ConfigError (with suggestions)."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    text = str(exc)
+    cause = exc.__cause__
+    missing = re.search(r"Could not find '([^']+)'", text)
+    if isinstance(exc, MissingConfigException) and missing and "/" in missing.group(1):
+        group, option = missing.group(1).rsplit("/", 1)
+        options = group_options(group)
+        close = did_you_mean(option, options, 1) or options[:1]
+        plus = "+" if group == "recipe" else ""
+        return ConfigError(group, f"unknown option '{option}'.{suggestion(option, options)} "
+                           f"Available: {', '.join(options) or '(none)'}", f"set {plus}{group}={close[0]}"
+                           if close else None)
+    if isinstance(exc, OverrideParseException):
+        return ConfigError(None, f"cannot parse the override: {text.splitlines()[0]}",
+                           "quote values that hold spaces, brackets or commas, e.g. 'data.features=[a,b]'")
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
+        return _unknown_key(cause.full_key, overrides, config_name)
+    if isinstance(cause, ValidationError):
+        key = getattr(cause, "full_key", None) or "?"
+        return ConfigError(key, cause.msg.splitlines()[0] if hasattr(cause, "msg") else str(cause),
+                           f"set {key} to a value of the right type (see `trainctl show`)")
+    no_match = re.search(r"Could not override '([^']+)'\. No match in the defaults list", text)
+    if no_match:
+        name = no_match.group(1)
+        return _unknown_key(name, overrides, config_name, groups_too=True)
+    exists = re.search(r"An item is already at '([^']+)'", text)
+    if exists:
+        return ConfigError(exists.group(1), "already exists, so it cannot be added with '+'",
+                           f"drop the '+': {exists.group(1)}=VALUE")
+    delete = re.search(r"Could not delete from config\. '([^']+)' does not exist", text)
+    if delete:
+        return _unknown_key(delete.group(1), overrides, config_name)
+    detail = getattr(cause, "msg", None) or text.strip() or type(exc).__name__
+    key = getattr(cause, "full_key", None)
+    return ConfigError(key or None, detail.splitlines()[0])
+
+
+def _flat_keys(node: object, prefix: str = "") -> List[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            full = f"{prefix}{key}"
+            keys.append(full)
+            try:
+                child = node._get_node(key)
+            except Exception:
+                continue
+            if isinstance(child, DictConfig):
+                keys.extend(_flat_keys(child, full + "."))
+    return keys
+
+
+def _unknown_key(full_key: str, overrides: Sequence[str], config_name: str, groups_too: bool = False) -> ConfigError:
+    choices = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0]
+               and o.split("=", 1)[0].lstrip("+~") != full_key]
+    try:
+        cfg = _compose(choices, config_name)
+    except Exception:
+        cfg = _compose([], config_name)
+    keys = [k for k in _flat_keys(cfg) + (_groups() if groups_too else []) if k != full_key]
+    leaf = full_key.rsplit(".", 1)[-1]
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k != full_key]
+    siblings = [k for k in keys if parent and k.startswith(parent + ".") and k.count(".") == full_key.count(".")]
+    hits = same_leaf or did_you_mean(full_key, siblings or keys)
+    where = f" in {parent}" if parent else ""
+    option = cfg.get(parent, {}).get("name") if parent and isinstance(cfg.get(parent), DictConfig) else None
+    if option:
+        where += f" ({parent}={option})"
+    hint = (" Did you mean " + " or ".join(f"'{h}'" for h in hits) + "?") if hits else ""
+    return ConfigError(full_key, f"no such key{where}.{hint}",
+                       f"set {hits[0]}=..." if hits else f"run `trainctl show` to list the keys")
+
+
+# --- the `run` command line ---------------------------------------------------------------------------
+
+def hydra_args(argv: Sequence[str]):
+    """Parse a `trainctl run` command line exactly as Hydra will."""
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_args(list(argv))
+
+
+def _is_hydra_override(override: str) -> bool:
+    key = override.lstrip("+~").split("=", 1)[0]
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
+def preflight(overrides: Sequence[str], multirun: bool, base_dir: str, config_name: str = CONFIG_NAME) -> None:
+    """Check a command line before Hydra starts: for a sweep, every value of every swept key."""
+    plain = [o for o in overrides if not _is_hydra_override(o)]
+    if not multirun:
+        compose_spec(plain, base_dir, config_name)
+        return
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(plain)
+    except OverrideParseException as exc:
+        raise translate(exc, plain) from None
+    options: List[List[str]] = []
+    for override in parsed:
+        if not override.is_sweep_override():
+            options.append([override.input_line])
+            continue
+        try:
+            values = list(override.sweep_string_iterator())
+        except Exception:  # interval()/range sweeps over floats are sampled by the sweeper itself
+            continue
+        options.append([f"{override.get_key_element()}={v}" for v in values])
+    base = [values[0] for values in options if values]
+    compose_spec(base, base_dir, config_name)
+    for i, values in enumerate(options):
+        for value in values[1:]:
+            compose_spec(base[:i] + [value] + base[i + 1:], base_dir, config_name)
+
+
+def report_config_error(error: ConfigError) -> None:
+    print(f"trainctl: error: {error}", file=sys.stderr)
+
+
+def _discard_if_untouched(run_dir: Path) -> None:
+    """Remove a run directory holding nothing but Hydra's `.hydra/` (a run that never started)."""
+    with contextlib.suppress(OSError):
+        if set(os.listdir(run_dir)) <= {".hydra"}:
+            shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+            run_dir.rmdir()
+
+
+def task(cfg: DictConfig) -> Optional[float]:
+    """What Hydra runs for each job: validate, train, return the best monitored metric (for sweepers)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    base_dir = get_original_cwd()
+    sweep = HydraConfig.get().mode.name == "MULTIRUN"
+    try:
+        spec = load_spec(cfg, base_dir)
+        from trainctl.job import train
+
+        summary = train(spec, run_dir, base_dir)
+    except ConfigError as error:
+        _discard_if_untouched(run_dir)
+        if sweep:
+            raise
+        report_config_error(error)
+        raise SystemExit(EXIT_CONFIG) from None
+    if summary["stop_reason"] == "interrupted":
+        raise SystemExit(EXIT_INTERRUPTED)  # also ends a sweep: Ctrl-C means stop
+    if summary["stop_reason"] == "diverged" and not sweep:
+        raise SystemExit(EXIT_FAILED)
+    return summary["best_metric"]
+
+
+def run_hydra(argv: Sequence[str]) -> None:
+    """Hand a `trainctl run` command line to Hydra (sweeps, --cfg, --info, launchers, ...)."""
+    import hydra
+
+    register_configs()
+    main = hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")(task)
+    sys.argv = ["trainctl", *argv]
+    main()

@@ -1,0 +1,120 @@
+"""What the user sees while a run trains: a live progress bar on a terminal, plain periodic lines
+otherwise (also written to the run's log file), and a summary table at the end."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, Dict, Optional
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+log = logging.getLogger("trainctl")
+progress_log = logging.getLogger("trainctl.progress")
+"""Periodic progress lines: always in the log file; on the console only when there is no live bar."""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3e}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+class _DropProgress(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith(progress_log.name)
+
+
+class Display:
+    """Progress for one run; ``mode`` is auto, bar, plain or none (`logging.progress`).
+
+    Plain lines come after every evaluation and at least every ``line_seconds`` in between.
+    """
+
+    def __init__(self, mode: str, total_steps: int, total_epochs: int, line_seconds: float = 10.0) -> None:
+        self.console = Console()
+        interactive = self.console.is_terminal and not self.console.is_dumb_terminal
+        self.mode = ("bar" if interactive else "plain") if mode == "auto" else mode
+        self.total_steps = total_steps
+        self.total_epochs = total_epochs
+        self.line_seconds = line_seconds
+        self._last_line = time.monotonic()
+        self.latest: Dict[str, float] = {}
+        self._bar: Optional[Progress] = None
+        self._task: Any = None
+        self._handler = self._console_handler()
+        log.addHandler(self._handler)
+
+    def _console_handler(self) -> logging.Handler:
+        if self.mode == "bar":
+            handler: logging.Handler = RichHandler(console=self.console, show_time=False, show_path=False,
+                                                   show_level=False, markup=False)
+            handler.addFilter(_DropProgress())
+        else:
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            if self.mode == "none":
+                handler.addFilter(_DropProgress())
+        handler.setLevel(logging.INFO)
+        return handler
+
+    def start(self, epoch: int, step: int) -> None:
+        if self.mode != "bar":
+            return
+        self._bar = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=self.console, transient=False)
+        self._task = self._bar.add_task("train", total=self.total_steps, completed=step,
+                                        epoch=self._epoch(epoch), info="")
+        self._bar.start()
+
+    def _epoch(self, epoch: int) -> str:
+        return f"{min(epoch + 1, self.total_epochs)}/{self.total_epochs}"
+
+    def step(self, step: int, epoch: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, epoch=self._epoch(epoch))
+
+    def report(self, step: int, epoch: int, values: Dict[str, float]) -> None:
+        """New readings (training or validation): refresh the bar, or print a line when one is due."""
+        self.latest.update(values)
+        shown = {k: v for k, v in self.latest.items() if k in ("train/loss", "lr") or k.startswith("val/")}
+        text = "  ".join(f"{k} {_fmt(v)}" for k, v in shown.items())
+        if "train/samples_per_second" in self.latest:
+            text += f"  {self.latest['train/samples_per_second']:,.0f} samples/s"
+        if self._bar is not None:
+            self._bar.update(self._task, info=text)
+        now = time.monotonic()
+        evaluated = any(k.startswith("val/") for k in values)
+        if evaluated or now - self._last_line >= self.line_seconds:
+            self._last_line = now
+            progress_log.info("epoch %s  step %d/%d  %s", self._epoch(epoch - evaluated), step,
+                              self.total_steps, text)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        log.removeHandler(self._handler)
+
+    def summary(self, summary: Dict[str, Any]) -> None:
+        table = Table(title=f"trainctl run: {summary['stop_reason']}", show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        rows = [("run directory", summary.get("run_dir", "")),
+                (f"best {summary['monitor']}", f"{_fmt(summary['best_metric'])} (step {summary['best_step']})"
+                 if summary.get("best_metric") is not None else "-")]
+        rows += [(k, _fmt(v)) for k, v in summary["final"].items()]
+        rows += [("steps", f"{summary['steps']} ({summary['epochs_completed']} epochs)"),
+                 ("wall time", f"{summary['wall_seconds']:.1f} s"),
+                 ("throughput", f"{summary['samples_per_second']:,.0f} samples/s")]
+        for key, value in rows:
+            table.add_row(key, str(value))
+        self.console.print(table)

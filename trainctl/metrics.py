@@ -1,0 +1,184 @@
+"""Metrics: validation with torchmetrics, the training-loss meter, and the metrics.jsonl/TensorBoard writer.
+
+The meter keeps the running training loss on the device and reads it only every
+`logging.log_every_n_steps` optimizer steps, so the training loop never waits on the device.
+Importing this module does not import torch (the CLI reads the metric names below).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Optional, Tuple
+
+if TYPE_CHECKING:
+    import torch
+
+    from trainctl.batches import Batches
+    from trainctl.data import DataInfo
+    from trainctl.loss import SumLoss
+
+VAL_METRICS = {
+    "classification": ("val/acc", "val/f1", "val/loss"),
+    "regression": ("val/loss", "val/mse", "val/mae"),
+    "lm": ("val/loss", "val/ppl"),
+}
+"""Validation metrics reported for each task (accuracy/macro-F1, MSE/MAE in target units, perplexity)."""
+MODE_OF = {"acc": "max", "f1": "max", "loss": "min", "mse": "min", "mae": "min", "ppl": "min"}
+
+
+def default_monitor(task: str) -> Tuple[str, str]:
+    return ("val/acc", "max") if task == "classification" else ("val/loss", "min")
+
+
+def is_better(value: float, best: Optional[float], mode: str) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value > best if mode == "max" else value < best
+
+
+class Evaluator:
+    """Runs the model over the validation batches and returns the task's metrics as floats."""
+
+    def __init__(self, info: "DataInfo", loss: "SumLoss", device: "torch.device") -> None:
+        self.info = info
+        self.loss = loss
+        self.device = device
+        self.metrics: Any = None
+
+    def _build(self) -> None:
+        # torchmetrics takes ~1.5 s to import: pay it at the first evaluation, not before the first step.
+        import torch
+        import torchmetrics
+        from torchmetrics import classification, regression, text
+
+        info, device = self.info, self.device
+        self.loss_mean = torchmetrics.MeanMetric().to(device)
+        metrics: Dict[str, Any] = {}
+        if info.task == "classification":
+            metrics["val/acc"] = classification.MulticlassAccuracy(info.num_classes, average="micro")
+            metrics["val/f1"] = classification.MulticlassF1Score(info.num_classes, average="macro")
+        elif info.task == "regression":
+            metrics["val/mse"] = regression.MeanSquaredError(num_outputs=info.num_targets)
+            metrics["val/mae"] = regression.MeanAbsoluteError(num_outputs=info.num_targets)
+        else:
+            metrics["val/ppl"] = text.Perplexity()
+        self.metrics = torchmetrics.MetricCollection(metrics).to(device)
+        self.target_mean = self.target_std = None
+        if info.target_mean is not None:
+            self.target_mean = torch.tensor(info.target_mean, device=device)
+            self.target_std = torch.tensor(info.target_std, device=device)
+
+    def _update(self, outputs: "torch.Tensor", targets: "torch.Tensor") -> None:
+        if self.info.task == "classification":
+            preds = (outputs[:, 0] > 0).long() if outputs.shape[-1] == 1 else outputs.argmax(-1)
+            self.metrics.update(preds, targets)
+        elif self.info.task == "regression":
+            if self.target_mean is not None:  # report errors in the data's own units
+                outputs = outputs * self.target_std + self.target_mean
+                targets = targets * self.target_std + self.target_mean
+            if self.info.num_targets == 1:
+                outputs, targets = outputs.squeeze(-1), targets.squeeze(-1)
+            self.metrics.update(outputs, targets)
+        else:
+            self.metrics.update(outputs, targets)
+
+    def __call__(self, model: "torch.nn.Module", batches: "Batches",
+                 autocast: Callable[[], ContextManager]) -> Dict[str, float]:
+        import torch
+
+        if self.metrics is None:
+            self._build()
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            for x, y in batches.epoch(0):
+                with autocast():
+                    outputs = model(x)
+                outputs = outputs.float()
+                n = self.loss.count(y)
+                self.loss_mean.update(self.loss(outputs, y) / n, n)
+                self._update(outputs, y)
+            results = {"val/loss": self.loss_mean.compute()}
+            results.update(self.metrics.compute())
+        self.loss_mean.reset()
+        self.metrics.reset()
+        model.train(was_training)
+        return {k: float(v.mean()) for k, v in results.items()}
+
+
+class TrainMeter:
+    """Running training loss and throughput between two log readings, accumulated on the device."""
+
+    def __init__(self, every_n_steps: int, device: "torch.device") -> None:
+        import torch
+
+        self.every = every_n_steps
+        self.loss_sum = torch.zeros((), device=device)
+        self.terms = 0
+        self.samples = 0
+        self.grad_norm: Optional["torch.Tensor"] = None
+        self.excluded = 0.0
+        self.since = time.perf_counter()
+
+    def add(self, loss_sum: "torch.Tensor") -> None:
+        self.loss_sum += loss_sum.detach()
+
+    def step_done(self, samples: int, terms: int, grad_norm: Optional["torch.Tensor"]) -> None:
+        self.samples += samples
+        self.terms += terms
+        self.grad_norm = grad_norm
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent outside training (evaluation) that throughput should not count."""
+        self.excluded += seconds
+
+    def should_log(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def read(self) -> Dict[str, float]:
+        """The readings since the last call (one host sync), then start over."""
+        now = time.perf_counter()
+        seconds = max(1e-9, now - self.since - self.excluded)
+        values = {"train/loss": float(self.loss_sum) / max(1, self.terms),
+                  "train/samples_per_second": self.samples / seconds}
+        if self.grad_norm is not None:
+            values["train/grad_norm"] = float(self.grad_norm)
+        self.loss_sum.zero_()
+        self.terms = self.samples = 0
+        self.excluded = 0.0
+        self.since = now
+        return values
+
+
+class MetricsWriter:
+    """Appends one JSON object per event to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.tb_dir = run_dir / "tb" if tensorboard else None
+        self._tb: Any = None
+
+    def write(self, step: int, epoch: int, values: Dict[str, float]) -> None:
+        record = {"step": step, "epoch": epoch, **{k: _finite_or_str(v) for k, v in values.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb_dir is not None:
+            if self._tb is None:  # importing tensorboard takes ~1 s: pay it at the first log, not at start
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.tb_dir))
+            for key, value in values.items():
+                self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _finite_or_str(value: float) -> Any:
+    return value if math.isfinite(value) else str(value)
