@@ -83,10 +83,6 @@ class Batches:
         n = len(self.source)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    @property
-    def num_samples(self) -> int:
-        return len(self) * self.batch_size if self.drop_last else len(self.source)
-
     def order(self, epoch: int) -> torch.Tensor:
         n = len(self.source)
         if not self.shuffle:

@@ -142,7 +142,7 @@ def _unknown_key(full_key: str, overrides: Sequence[str], config_name: str, grou
         where += f" ({parent}={option})"
     hint = (" Did you mean " + " or ".join(f"'{h}'" for h in hits) + "?") if hits else ""
     return ConfigError(full_key, f"no such key{where}.{hint}",
-                       f"set {hits[0]}=..." if hits else f"run `trainctl show` to list the keys")
+                       f"set {hits[0]}=..." if hits else "run `trainctl show` to list the keys")
 
 
 # --- the `run` command line ---------------------------------------------------------------------------
@@ -162,6 +162,9 @@ def _is_hydra_override(override: str) -> bool:
 def preflight(overrides: Sequence[str], multirun: bool, base_dir: str, config_name: str = CONFIG_NAME) -> None:
     """Check a command line before Hydra starts: for a sweep, every value of every swept key."""
     plain = [o for o in overrides if not _is_hydra_override(o)]
+    for override in overrides:
+        if override.startswith("hydra.run.dir=") and not multirun:
+            check_fresh_run_dir(Path(base_dir, override.split("=", 1)[1]))
     if not multirun:
         compose_spec(plain, base_dir, config_name)
         return
@@ -201,6 +204,13 @@ def _discard_if_untouched(run_dir: Path) -> None:
             run_dir.rmdir()
 
 
+def check_fresh_run_dir(run_dir: Path) -> None:
+    """A new run never writes into a directory that already holds another run's results."""
+    if (run_dir / "summary.json").exists():
+        raise ConfigError("hydra.run.dir", f"{run_dir} already holds a run (it has a summary.json)",
+                          "choose a new directory, e.g. hydra.run.dir=outputs/my-run-2")
+
+
 def task(cfg: DictConfig) -> Optional[float]:
     """What Hydra runs for each job: validate, train, return the best monitored metric (for sweepers)."""
     from hydra.core.hydra_config import HydraConfig
@@ -210,6 +220,7 @@ def task(cfg: DictConfig) -> Optional[float]:
     base_dir = get_original_cwd()
     sweep = HydraConfig.get().mode.name == "MULTIRUN"
     try:
+        check_fresh_run_dir(run_dir)
         spec = load_spec(cfg, base_dir)
         from trainctl.job import train
 

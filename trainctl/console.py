@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 log = logging.getLogger("trainctl")
 progress_log = logging.getLogger("trainctl.progress")
@@ -26,6 +27,16 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+class _TwoLineProgress(Progress):
+    """The bar on one line, the latest readings on the next, so neither is squeezed."""
+
+    info = ""
+
+    def get_renderables(self):
+        yield self.make_tasks_table(self.tasks)
+        yield Text(self.info, overflow="ellipsis", no_wrap=True)
+
+
 class _DropProgress(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.name.startswith(progress_log.name)
@@ -37,7 +48,8 @@ class Display:
     Plain lines come after every evaluation and at least every ``line_seconds`` in between.
     """
 
-    def __init__(self, mode: str, total_steps: int, total_epochs: int, line_seconds: float = 10.0) -> None:
+    def __init__(self, mode: str, total_steps: int, total_epochs: int, line_seconds: float = 10.0,
+                 attach_log: bool = True) -> None:
         self.console = Console()
         interactive = self.console.is_terminal and not self.console.is_dumb_terminal
         self.mode = ("bar" if interactive else "plain") if mode == "auto" else mode
@@ -48,8 +60,9 @@ class Display:
         self.latest: Dict[str, float] = {}
         self._bar: Optional[Progress] = None
         self._task: Any = None
-        self._handler = self._console_handler()
-        log.addHandler(self._handler)
+        self._handler = self._console_handler() if attach_log else None
+        if self._handler is not None:
+            log.addHandler(self._handler)
 
     def _console_handler(self) -> logging.Handler:
         if self.mode == "bar":
@@ -67,12 +80,10 @@ class Display:
     def start(self, epoch: int, step: int) -> None:
         if self.mode != "bar":
             return
-        self._bar = Progress(
-            TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=self.console, transient=False)
-        self._task = self._bar.add_task("train", total=self.total_steps, completed=step,
-                                        epoch=self._epoch(epoch), info="")
+        self._bar = _TwoLineProgress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=False)
+        self._task = self._bar.add_task("train", total=self.total_steps, completed=step, epoch=self._epoch(epoch))
         self._bar.start()
 
     def _epoch(self, epoch: int) -> str:
@@ -90,7 +101,7 @@ class Display:
         if "train/samples_per_second" in self.latest:
             text += f"  {self.latest['train/samples_per_second']:,.0f} samples/s"
         if self._bar is not None:
-            self._bar.update(self._task, info=text)
+            self._bar.info = text
         now = time.monotonic()
         evaluated = any(k.startswith("val/") for k in values)
         if evaluated or now - self._last_line >= self.line_seconds:
@@ -102,7 +113,8 @@ class Display:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
-        log.removeHandler(self._handler)
+        if self._handler is not None:
+            log.removeHandler(self._handler)
 
     def summary(self, summary: Dict[str, Any]) -> None:
         table = Table(title=f"trainctl run: {summary['stop_reason']}", show_header=False, title_justify="left")

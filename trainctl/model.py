@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import sys
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from trainctl.errors import ConfigError, check, check_choice, suggestion
 from trainctl.registry import Registry
@@ -237,19 +238,12 @@ def _build_custom(spec: Mapping, info: "DataInfo", out_features: int, base_dir: 
         if not takes_any and key not in params:
             raise ConfigError(f"model.{key}", f"{target} takes no argument '{key}'.{suggestion(key, params)}",
                               f"remove it (~model.{key}) or use one of: {', '.join(params)}")
-    facts = {"input_shape": tuple(info.input_shape), "in_features": _prod(info.input_shape),
+    facts = {"input_shape": tuple(info.input_shape), "in_features": math.prod(info.input_shape),
              "out_features": out_features, "num_classes": out_features, "vocab_size": info.vocab_size,
              "seq_len": info.input_shape[0]}
     extras = {k: v for k, v in facts.items() if k in params and k not in given}
     config = OmegaConf.create(dict(spec)) if not isinstance(spec, (DictConfig, ListConfig)) else spec
     return instantiate(config, **extras)
-
-
-def _prod(shape: Sequence[int]) -> int:
-    total = 1
-    for n in shape:
-        total *= n
-    return total
 
 
 def apply_dropout(model: "nn.Module", p: Optional[float]) -> int:
@@ -265,6 +259,3 @@ def apply_dropout(model: "nn.Module", p: Optional[float]) -> int:
             changed += 1
     return changed
 
-
-def spec_dict(spec: Any) -> Dict[str, Any]:
-    return dict(spec) if is_custom(spec) else {k: getattr(spec, k) for k in spec.__dataclass_fields__}

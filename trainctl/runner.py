@@ -30,7 +30,8 @@ class Runner:
     def __init__(self, run: Run, display: Optional[Display] = None, state: Optional[RunState] = None) -> None:
         self.run = run
         self.state = state or RunState()
-        self.display = display or Display("none", run.horizon.total_steps, run.horizon.total_epochs)
+        self.display = display or Display("none", run.horizon.total_steps, run.horizon.total_epochs,
+                                          attach_log=False)
         self.meter = TrainMeter(run.log_every_n_steps, run.device)
         self.final: Dict[str, float] = {}
         self.eval_seconds = 0.0

@@ -154,7 +154,7 @@ class RunSpec:
 def _check_option(key: str, spec: Any, registry: Any) -> None:
     entry = registry.get(spec.name)
     if type(spec) is not entry.spec:
-        raise ConfigError(f"{key}.name", f"the option is chosen with the group, not its name field",
+        raise ConfigError(f"{key}.name", "the option is chosen with the group, not its name field",
                           f"set {key}={spec.name} (and leave {key}.name alone)")
 
 

@@ -6,7 +6,6 @@ per-block features (activation checkpointing, Muon's hidden-matrix split) find t
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU}
