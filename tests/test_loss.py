@@ -1,0 +1,66 @@
+"""Losses: sums and term counts, label smoothing in training only, BCE and regression criteria train."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import build
+from trainctl.data import DataInfo
+from trainctl.loss import CrossEntropySpec, LOSSES, build_loss
+from trainctl.metrics import MetricsWriter
+from trainctl.runner import Runner
+
+QUIET = ["logging.tensorboard=false"]
+
+
+def test_label_smoothing_applies_to_training_only():
+    info = DataInfo("classification", (4,), num_classes=5)
+    train, val = build_loss(CrossEntropySpec(), info, label_smoothing=0.2)
+    logits = torch.tensor([[4.0, 0.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0, 0.0]])
+    targets = torch.tensor([0, 1])
+    assert train.count(targets) == 2
+    assert train(logits, targets).item() == pytest.approx(
+        F.cross_entropy(logits, targets, label_smoothing=0.2, reduction="sum").item())
+    assert val(logits, targets).item() == pytest.approx(F.cross_entropy(logits, targets, reduction="sum").item())
+    assert train(logits, targets).item() > val(logits, targets).item()
+
+
+def test_token_losses_count_every_token():
+    info = DataInfo("lm", (8,), vocab_size=256)
+    train, _ = build_loss(LOSSES.get("auto").spec(), info, 0.0)
+    logits, targets = torch.randn(3, 8, 256), torch.randint(0, 256, (3, 8))
+    assert train.count(targets) == 24
+    assert train(logits, targets).item() / 24 == pytest.approx(
+        F.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1)).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_bce_trains_binary_and_one_vs_rest(classes):
+    run = build(["data=synthetic", f"data.n_classes={classes}", "loss=bce", "trainer.max_epochs=15", *QUIET])
+    assert run.model.head.out_features == (1 if classes == 2 else classes)
+    summary = Runner(run).fit()
+    assert summary["final"]["val/acc"] > (0.85 if classes == 2 else 0.75)
+
+
+@pytest.mark.parametrize("loss", ["mse", "l1", "huber"])
+def test_regression_losses_train(loss):
+    run = build(["data=synthetic", "data.task=regression", f"loss={loss}", "trainer.max_epochs=20",
+                 "optimizer.lr=3e-3", *QUIET])
+    first = run.evaluator(run.model, run.data.val, run.precision.autocast)["val/mse"]
+    summary = Runner(run).fit()
+    assert summary["final"]["val/mse"] < first / 10
+
+
+def test_evaluation_every_n_steps_and_every_epoch(tmp_path):
+    run = build(["trainer.max_epochs=2", "trainer.eval_every_n_steps=10", *QUIET])
+    run.run_dir, run.writer = tmp_path, MetricsWriter(tmp_path, tensorboard=False)
+    Runner(run).fit()
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    eval_steps = [r["step"] for r in records if "val/acc" in r]
+    assert eval_steps == [10, 20, 23, 30, 40, 46]
+    assert math.isfinite(json.loads((tmp_path / "summary.json").read_text())["best_metric"])
