@@ -31,9 +31,3 @@ def save_weights(model: "nn.Module", path: Path, metadata: Dict[str, str]) -> No
     tmp = path.with_name(path.name + ".tmp")
     save_model(model, str(tmp), metadata=metadata)
     _commit(tmp, path)
-
-
-def load_weights(model: "nn.Module", path: Path) -> None:
-    from safetensors.torch import load_model
-
-    load_model(model, str(path))

@@ -24,7 +24,7 @@ CONFIG_NAME = "train"
 
 
 @contextlib.contextmanager
-def _hydra(config_name: str = CONFIG_NAME) -> Iterator[None]:
+def _hydra() -> Iterator[None]:
     from hydra import initialize_config_dir
 
     register_configs()
@@ -40,7 +40,7 @@ def _compose(overrides: Sequence[str], config_name: str = CONFIG_NAME) -> DictCo
 
 def compose_spec(overrides: Sequence[str], base_dir: str, config_name: str = CONFIG_NAME) -> Tuple[DictConfig, RunSpec]:
     """Compose and validate; any problem is raised as a ConfigError naming the key and the fix."""
-    with _hydra(config_name):
+    with _hydra():
         try:
             cfg = _compose(overrides, config_name)
         except ConfigError:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import difflib
 from typing import Iterable, Optional, Sequence
 
-EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130

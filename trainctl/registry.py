@@ -42,6 +42,3 @@ class Registry(Generic[T]):
 
     def items(self) -> Iterator[tuple[str, T]]:
         return iter(sorted(self._entries.items()))
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries

@@ -75,7 +75,8 @@ class Runner:
         if state.batch_in_epoch >= len(run.data.train):
             state.epoch += 1
             state.batch_in_epoch = 0
-            if run.eval_every_n_epochs and state.epoch % run.eval_every_n_epochs == 0:
+            due = run.eval_every_n_epochs and state.epoch % run.eval_every_n_epochs == 0
+            if due and state.last_eval_step != state.step:  # a step-interval evaluation may have just run
                 self.evaluate()
 
     def train_step(self, window: List[Batch]) -> None:
