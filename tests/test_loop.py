@@ -76,7 +76,7 @@ def test_clipping_happens_once_on_the_whole_window():
     _keep_grads(run)
     runner = Runner(run)
     runner.train_step(window)
-    torch.testing.assert_close(runner.meter.grad_norm, total)
+    torch.testing.assert_close(runner.meter.norm_sum, total)
     clipped_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.model.parameters()]))
     assert clipped_norm.item() == pytest.approx(0.01, rel=1e-4)
     for p, q in zip(run.model.parameters(), reference.parameters()):

@@ -3,16 +3,19 @@ results between groups (data facts into the model and loss, parameter groups int
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from trainctl import data as data_mod
 from trainctl.batches import DataBundle, build_batches
+from trainctl.callbacks import Callback, EarlyStopping
+from trainctl.checkpoint import Checkpointer
 from trainctl.errors import ConfigError
 from trainctl.loss import SumLoss, build_loss, out_features, resolve_loss
 from trainctl.metrics import Evaluator, MetricsWriter
@@ -47,6 +50,10 @@ class Run:
     mode: str
     optimizer_has_modes: bool
     """Schedule-free optimizers switch between train and eval weights with the model."""
+    skip_nonfinite: bool = False
+    max_consecutive_skips: int = 10
+    callbacks: List[Callback] = dataclasses.field(default_factory=list)
+    checkpointer: Optional[Checkpointer] = None
     run_dir: Optional[Path] = None
     writer: Optional[MetricsWriter] = None
 
@@ -85,7 +92,16 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
     horizon = Horizon(total, per_epoch)
     train_loss, eval_loss = build_loss(spec.loss, info, spec.regularization.label_smoothing)
     trainer = spec.trainer
-    writer = MetricsWriter(run_dir, spec.logging.tensorboard) if run_dir is not None else None
+    task = info.task
+    callbacks: List[Callback] = []
+    stopping = spec.early_stopping
+    if stopping.enabled:
+        callbacks.append(EarlyStopping(spec.monitor(task, stopping), spec.monitor_mode(task, stopping),
+                                       stopping.patience, stopping.min_delta, stopping.restore_best_weights))
+    checkpointer = None
+    if run_dir is not None and spec.checkpoint.enabled:
+        checkpointer = Checkpointer(spec.checkpoint, run_dir / "checkpoints", spec.monitor(task, spec.checkpoint),
+                                    spec.monitor_mode(task, spec.checkpoint))
     return Run(
         spec=spec, device=device, data=bundle, model=model, loss=train_loss, optimizer=optimizer,
         scheduler=build_scheduler(spec.scheduler, optimizer, horizon),
@@ -95,7 +111,9 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
         grad_accum_steps=trainer.grad_accum_steps, eval_every_n_epochs=trainer.eval_every_n_epochs,
         eval_every_n_steps=trainer.eval_every_n_steps, log_every_n_steps=spec.logging.log_every_n_steps,
         monitor=spec.monitor(info.task), mode=spec.monitor_mode(info.task),
-        optimizer_has_modes=has_train_eval_modes(spec.optimizer), run_dir=run_dir, writer=writer)
+        optimizer_has_modes=has_train_eval_modes(spec.optimizer),
+        skip_nonfinite=trainer.on_nonfinite == "skip", max_consecutive_skips=trainer.max_consecutive_skips,
+        callbacks=callbacks, checkpointer=checkpointer, run_dir=run_dir)
 
 
 def plan(run: Run) -> Dict[str, Any]:
@@ -121,4 +139,19 @@ def plan(run: Run) -> Dict[str, Any]:
         "total optimizer steps": run.horizon.total_steps,
         "device": str(run.device),
         "precision": run.precision.name,
+        "checkpoints": _checkpoint_plan(spec),
+        "early stopping": (f"patience {spec.early_stopping.patience} on "
+                           f"{spec.monitor(info.task, spec.early_stopping)}" if spec.early_stopping.enabled else "off"),
     }
+
+
+def _checkpoint_plan(spec: RunSpec) -> str:
+    ckpt = spec.checkpoint
+    if not ckpt.enabled:
+        return "off"
+    parts = [f"every {ckpt.every_n_epochs} epoch(s)"] if ckpt.every_n_epochs else []
+    parts += [f"every {ckpt.every_n_steps} steps"] if ckpt.every_n_steps else []
+    parts += ["at the end"] if ckpt.save_last else []
+    parts += ["best"] if ckpt.save_best else []
+    keep = f"keep {ckpt.keep_last_k}" if ckpt.keep_last_k else "keep all"
+    return ", ".join(parts) + f" ({keep})"

@@ -1,33 +1,264 @@
-"""Files that must never be seen half-written: model weights (safetensors) and JSON documents are
-written under a temporary name, flushed to disk, then renamed into place."""
+"""The `checkpoint` config group and the checkpointer: when to save, what a checkpoint holds, where
+`last` and `best` point, which old checkpoints to prune, and how to find one to resume from.
+
+Layout inside a run directory::
+
+    checkpoints/step-00000460/   model.safetensors  state.pt  spec.yaml  meta.json  COMMITTED
+    checkpoints/last -> step-00000460
+    checkpoints/best -> step-00000391
+
+`state.pt` holds the optimizer, scheduler, precision (grad scaler), callback and run states, the
+training-loss meter and the RNG states; it is read with ``torch.load(weights_only=True)``.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+from trainctl.errors import ConfigError, check, check_choice
+from trainctl.files import (COMMIT_MARKER, CheckpointError, commit_dir, point, safe_torch_load, save_weights,
+                            verify_dir, write_json, write_text)
 
 if TYPE_CHECKING:
     from torch import nn
 
+log = logging.getLogger("trainctl")
 
-def _commit(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
+STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def write_json(path: Path, payload: Dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    _commit(tmp, path)
+@dataclass
+class CheckpointSpec:
+    """When checkpoints are saved, how many are kept, and where a run resumes from."""
+
+    every_n_epochs: Optional[int] = 1
+    """Save when every N-th epoch ends; null disables."""
+    every_n_steps: Optional[int] = None
+    """Save every N optimizer steps; null disables."""
+    save_last: bool = True
+    """Save when training ends and when it is interrupted (SIGINT/SIGTERM), so it can resume."""
+    save_best: bool = True
+    """Save whenever the monitored validation metric improves; `checkpoints/best` points to it."""
+    monitor: str = "auto"
+    """Metric that defines `best` (auto: trainer.monitor)."""
+    mode: str = "auto"
+    """min or max for `checkpoint.monitor` (auto: from the metric, as for trainer.mode)."""
+    keep_last_k: Optional[int] = 2
+    """Step checkpoints kept (the newest k, plus the one `best` points to); null keeps all."""
+    resume: Optional[str] = None
+    """null: start fresh; auto: continue from this run directory's newest valid checkpoint if it has one;
+    PATH: start from a checkpoint directory (or a run directory's newest checkpoint)."""
+    on_error: str = "stop"
+    """When a save fails (disk full, permissions): stop (end the run cleanly, keeping the previous
+    checkpoint) or continue (report it and train on)."""
+
+    def validate(self, key: str = "checkpoint") -> None:
+        for name in ("every_n_epochs", "every_n_steps", "keep_last_k"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, f"{key}.{name}", f"must be >= 1 or null (got {value})",
+                  f"set {key}.{name}=null")
+        check_choice(self.mode, ("auto", "min", "max"), f"{key}.mode")
+        check_choice(self.on_error, ("stop", "continue"), f"{key}.on_error")
+        if self.resume not in (None, "auto"):
+            path = Path(self.resume)
+            check(path.exists(), f"{key}.resume", f"{path} does not exist",
+                  f"point {key}.resume at a run directory or a checkpoints/step-N directory, or use auto")
+
+    def resolve_paths(self, base_dir: str) -> None:
+        if self.resume not in (None, "auto"):
+            self.resume = os.path.normpath(os.path.join(base_dir, os.path.expanduser(self.resume)))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.every_n_epochs or self.every_n_steps or self.save_last or self.save_best)
 
 
-def save_weights(model: "nn.Module", path: Path, metadata: Dict[str, str]) -> None:
-    """The model's weights as safetensors (tied weights are stored once)."""
-    from safetensors.torch import save_model
+# --- finding and reading checkpoints -----------------------------------------------------------------
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_model(model, str(tmp), metadata=metadata)
-    _commit(tmp, path)
+def step_of(path: Path) -> int:
+    match = STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def committed(directory: Path) -> List[Path]:
+    """Step checkpoints that carry a commit marker, oldest first (contents not yet verified)."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if STEP_DIR.match(p.name) and (p / COMMIT_MARKER).is_file()]
+    return sorted(found, key=step_of)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    state: Dict[str, Any]
+    spec_yaml: str
+    meta: Dict[str, Any]
+
+    @property
+    def weights(self) -> Path:
+        return self.path / "model.safetensors"
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Verify a checkpoint directory against its marker, then read it (weights are loaded later)."""
+    path = path.resolve()
+    problem = verify_dir(path)
+    if problem:
+        raise CheckpointError(f"{path} is not a usable checkpoint: {problem}")
+    state = safe_torch_load(path / "state.pt")
+    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    return Checkpoint(path, int(meta["step"]), state, (path / "spec.yaml").read_text(encoding="utf-8"), meta)
+
+
+def newest_valid(directory: Path) -> Optional[Checkpoint]:
+    """The newest checkpoint that verifies; broken ones are skipped with a warning."""
+    for path in reversed(committed(directory)):
+        try:
+            return read_checkpoint(path)
+        except CheckpointError as exc:
+            if "refusing to load" in str(exc):
+                raise
+            log.warning("%s; falling back to the previous checkpoint", exc)
+    return None
+
+
+def find_source(path: Path) -> Checkpoint:
+    """A checkpoint named by the user: a checkpoint directory (strict) or a run directory (its newest)."""
+    if (path / "checkpoints").is_dir() or path.name == "checkpoints":
+        directory = path if path.name == "checkpoints" else path / "checkpoints"
+        found = newest_valid(directory)
+        if found is None:
+            raise CheckpointError(f"{directory} holds no complete checkpoint")
+        return found
+    return read_checkpoint(path)
+
+
+# --- RNG states --------------------------------------------------------------------------------------
+
+def rng_state() -> Dict[str, Any]:
+    import numpy as np
+    import torch
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- saving --------------------------------------------------------------------------------------------
+
+class Checkpointer:
+    """Owns the checkpoint cadence, the `best` bookkeeping, the pointers and pruning."""
+
+    def __init__(self, spec: CheckpointSpec, directory: Path, monitor: str, mode: str) -> None:
+        self.spec = spec
+        self.directory = directory
+        self.monitor = monitor
+        self.mode = mode
+        self.best: Optional[float] = None
+        self.best_step: Optional[int] = None
+
+    def periodic_due(self, step: int, epoch: int, epoch_end: bool) -> bool:
+        spec = self.spec
+        return bool((spec.every_n_steps and step % spec.every_n_steps == 0)
+                    or (epoch_end and spec.every_n_epochs and epoch % spec.every_n_epochs == 0))
+
+    def improved(self, metrics: Dict[str, float], step: int) -> bool:
+        """Record a validation result; True when it is a new best worth saving."""
+        from trainctl.metrics import is_better
+
+        value = metrics.get(self.monitor)
+        if value is None or not is_better(value, self.best, self.mode):
+            return False
+        self.best, self.best_step = value, step
+        return self.spec.save_best
+
+    def clean_stale(self) -> None:
+        """Remove what a killed save left behind (temporary and half-swapped directories)."""
+        if not self.directory.is_dir():
+            return
+        for path in self.directory.iterdir():
+            if path.name.startswith((".tmp-", ".trash-", ".last.tmp", ".best.tmp")):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+    def save(self, step: int, model: "nn.Module", state: Dict[str, Any], spec_yaml: str,
+             meta: Dict[str, Any], best: bool) -> Path:
+        """Write, commit, repoint `last` (and `best`), then prune. Raises CheckpointError on I/O failure."""
+        import torch
+
+        name = f"step-{step:08d}"
+        tmp = self.directory / f".tmp-{name}-{os.getpid()}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_weights(model, tmp / "model.safetensors", {"step": str(step)})
+            torch.save(state, tmp / "state.pt")
+            write_text(tmp / "spec.yaml", spec_yaml)
+            write_json(tmp / "meta.json", {**meta, "step": step})
+            commit_dir(tmp, self.directory / name)
+            point(self.directory / "last", name)
+            if best:
+                point(self.directory / "best", name)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not save the checkpoint of step {step} in {self.directory}: "
+                                  f"{exc.strerror or exc}") from exc
+        self.prune()
+        return self.directory / name
+
+    def _target(self, pointer: str) -> Optional[str]:
+        link = self.directory / pointer
+        return os.readlink(link) if link.is_symlink() else None
+
+    def prune(self) -> None:
+        """Keep the newest `keep_last_k` checkpoints plus those `last` and `best` point to."""
+        k = self.spec.keep_last_k
+        if k is None:
+            return
+        keep = {self._target("last"), self._target("best")}
+        for path in committed(self.directory)[:-k]:
+            if path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "monitor": self.monitor}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state.get("monitor") == self.monitor:  # a changed monitor starts its own record
+            self.best, self.best_step = state["best"], state["best_step"]
+
+
+def check_monitor(spec: CheckpointSpec, metrics: tuple, key: str = "checkpoint.monitor") -> None:
+    if spec.monitor != "auto" and spec.monitor not in metrics:
+        raise ConfigError(key, f"'{spec.monitor}' is not reported for this data; choose from {', '.join(metrics)}",
+                          f"set {key}=auto")

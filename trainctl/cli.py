@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 from trainctl import __version__
@@ -20,6 +21,11 @@ usage: trainctl COMMAND [ARGS...]
 commands:
   run [OVERRIDES...]     train: `trainctl run optimizer=adamw scheduler=warmup_cosine`
                          (a Hydra app: -m/--multirun sweeps, --cfg job, --info, --help, hydra.run.dir=...)
+  resume RUN_DIR [KEY=VALUE...]
+                         continue a run from its newest intact checkpoint (exactly, when nothing changed)
+  eval PATH [KEY=VALUE...] [--json] [-o FILE]
+                         evaluate a run's final weights (PATH = run directory) or a checkpoint's
+                         (PATH = RUN_DIR/checkpoints/best, .../last, .../step-N) on the validation split
   show [OVERRIDES...]    print the resolved run spec and the plan (parameters, batch, steps) without training
   recipes                list the curated experiments (`trainctl run +recipe=NAME`)
 
@@ -27,11 +33,12 @@ options:
   -h, --help             this help; `trainctl run --help` lists the config groups and their options
   --version              print the version
 
-Exit codes: 0 finished, 1 failed or diverged, 2 bad command line or config, 130 interrupted.
+Exit codes: 0 finished (also early-stopped), 1 failed, diverged or checkpoint failure,
+2 bad command line, config or checkpoint, 130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM.
 Set TRAINCTL_DEBUG=1 (or HYDRA_FULL_ERROR=1) to see tracebacks.
 """
 
-COMMANDS = ("run", "show", "recipes")
+COMMANDS = ("run", "resume", "eval", "show", "recipes")
 
 
 def _debug() -> bool:
@@ -46,6 +53,89 @@ def cmd_run(argv: Sequence[str]) -> None:
             or args.config_path or args.experimental_rerun):
         config.preflight(args.overrides, args.multirun, os.getcwd(), args.config_name or config.CONFIG_NAME)
     config.run_hydra(argv)
+
+
+def _log_to_file(path: Path) -> None:
+    """The run's log file, as `trainctl run` configures it through Hydra (appended to)."""
+    import logging
+
+    handler = logging.FileHandler(path, mode="a", delay=True)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def cmd_resume(argv: Sequence[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: trainctl resume RUN_DIR [KEY=VALUE...]\n\nContinue a run in place from its newest intact "
+              "checkpoint (older ones are tried if it is damaged).\nOverrides may change the length, evaluation, "
+              "logging and optimizer settings; changes to the model or data are refused.")
+        sys.exit(0 if argv else EXIT_CONFIG)
+    from trainctl.checkpoint import committed
+    from trainctl.errors import exit_code
+    from trainctl.resume import load_saved_spec
+
+    run_dir = Path(argv[0]).resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(None, f"{run_dir} is not a trainctl run directory (it has no config.yaml)",
+                          "pass the directory `trainctl run` printed, e.g. outputs/2026-01-31/12-00-00")
+    if not committed(run_dir / "checkpoints"):
+        raise ConfigError(None, f"{run_dir} has no committed checkpoint to continue from",
+                          "runs with checkpoint=off cannot be resumed; start a new run")
+    spec = load_saved_spec(run_dir / "config.yaml", argv[1:], os.getcwd())
+    spec.checkpoint.resume = "auto"
+    _log_to_file(run_dir / "trainctl.log")
+    from trainctl.job import train
+
+    summary = train(spec, run_dir, os.getcwd())
+    code = exit_code(summary)
+    if code:
+        sys.exit(code)
+
+
+def cmd_eval(argv: Sequence[str]) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="trainctl eval", description="Evaluate saved weights on the "
+                                     "validation split of the run's data (overrides such as data.path=... or "
+                                     "trainer.device=cpu apply).")
+    parser.add_argument("path", help="a run directory or a checkpoint directory")
+    parser.add_argument("overrides", nargs="*", help="KEY=VALUE changes to the saved spec")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("-o", "--output", help="write the result here (default: eval.json in the run "
+                        "directory, or eval-<checkpoint>.json for a checkpoint)")
+    args = parser.parse_args(argv)
+    from trainctl.files import write_json
+    from trainctl.job import evaluate_saved
+
+    path = Path(args.path)
+    result = evaluate_saved(path, args.overrides, os.getcwd())
+    output = Path(args.output) if args.output else None
+    if output is None and result["run_dir"]:
+        name = "eval.json" if result["step"] is None else f"eval-{path.resolve().name}.json"
+        output = Path(result["run_dir"]) / name
+    if output is not None:
+        result["output"] = str(output)
+        write_json(output, result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"trainctl eval: {result['weights']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("data", f"{result['data']} ({result['val_samples']} validation samples)")
+    if result["step"] is not None:
+        table.add_row("step", str(result["step"]))
+    for key, value in result["metrics"].items():
+        table.add_row(key, f"{value:.4f}")
+    if output is not None:
+        table.add_row("written to", str(output))
+    Console().print(table)
 
 
 def cmd_show(argv: Sequence[str]) -> None:
@@ -93,7 +183,8 @@ def main(argv: Optional[List[str]] = None) -> None:
               f"Commands: {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     try:
-        {"run": cmd_run, "show": cmd_show, "recipes": cmd_recipes}[command](rest)
+        {"run": cmd_run, "resume": cmd_resume, "eval": cmd_eval, "show": cmd_show,
+         "recipes": cmd_recipes}[command](rest)
     except ConfigError as error:
         if _debug():
             raise

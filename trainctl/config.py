@@ -17,7 +17,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig
 
-from trainctl.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, did_you_mean, suggestion
+from trainctl.errors import EXIT_CONFIG, ConfigError, did_you_mean, exit_code, suggestion
 from trainctl.spec import CONF_DIR, RunSpec, load_spec, register_configs, unknown_keys
 
 CONFIG_NAME = "train"
@@ -162,11 +162,11 @@ def _is_hydra_override(override: str) -> bool:
 def preflight(overrides: Sequence[str], multirun: bool, base_dir: str, config_name: str = CONFIG_NAME) -> None:
     """Check a command line before Hydra starts: for a sweep, every value of every swept key."""
     plain = [o for o in overrides if not _is_hydra_override(o)]
-    for override in overrides:
-        if override.startswith("hydra.run.dir=") and not multirun:
-            check_fresh_run_dir(Path(base_dir, override.split("=", 1)[1]))
     if not multirun:
-        compose_spec(plain, base_dir, config_name)
+        _, spec = compose_spec(plain, base_dir, config_name)
+        for override in overrides:
+            if override.startswith("hydra.run.dir=") and spec.checkpoint.resume != "auto":
+                check_fresh_run_dir(Path(base_dir, override.split("=", 1)[1]))
         return
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -205,10 +205,12 @@ def _discard_if_untouched(run_dir: Path) -> None:
 
 
 def check_fresh_run_dir(run_dir: Path) -> None:
-    """A new run never writes into a directory that already holds another run's results."""
+    """A new run never writes into a directory that already holds another run's results (continuing
+    one is `trainctl resume RUN_DIR` or `checkpoint.resume=auto`)."""
     if (run_dir / "summary.json").exists():
         raise ConfigError("hydra.run.dir", f"{run_dir} already holds a run (it has a summary.json)",
-                          "choose a new directory, e.g. hydra.run.dir=outputs/my-run-2")
+                          f"continue it with `trainctl resume {run_dir}` (or checkpoint.resume=auto), "
+                          "or choose a new directory, e.g. hydra.run.dir=outputs/my-run-2")
 
 
 def task(cfg: DictConfig) -> Optional[float]:
@@ -220,8 +222,9 @@ def task(cfg: DictConfig) -> Optional[float]:
     base_dir = get_original_cwd()
     sweep = HydraConfig.get().mode.name == "MULTIRUN"
     try:
-        check_fresh_run_dir(run_dir)
         spec = load_spec(cfg, base_dir)
+        if spec.checkpoint.resume != "auto":
+            check_fresh_run_dir(run_dir)
         from trainctl.job import train
 
         summary = train(spec, run_dir, base_dir)
@@ -231,10 +234,11 @@ def task(cfg: DictConfig) -> Optional[float]:
             raise
         report_config_error(error)
         raise SystemExit(EXIT_CONFIG) from None
+    code = exit_code(summary)
     if summary["stop_reason"] == "interrupted":
-        raise SystemExit(EXIT_INTERRUPTED)  # also ends a sweep: Ctrl-C means stop
-    if summary["stop_reason"] == "diverged" and not sweep:
-        raise SystemExit(EXIT_FAILED)
+        raise SystemExit(code)  # also ends a sweep: Ctrl-C means stop
+    if code and not sweep:
+        raise SystemExit(code)
     return summary["best_metric"]
 
 

@@ -127,6 +127,14 @@ class Display:
         rows += [("steps", f"{summary['steps']} ({summary['epochs_completed']} epochs)"),
                  ("wall time", f"{summary['wall_seconds']:.1f} s"),
                  ("throughput", f"{summary['samples_per_second']:,.0f} samples/s")]
+        if summary.get("skipped_steps"):
+            rows.append(("skipped steps", summary["skipped_steps"]))
+        if summary.get("last_checkpoint"):
+            rows.append(("last checkpoint", summary["last_checkpoint"]))
+        if summary.get("checkpoint_error"):
+            rows.append(("checkpoint error", summary["checkpoint_error"]))
+        if summary["stop_reason"] == "interrupted" and summary.get("last_checkpoint"):
+            rows.append(("continue with", f"trainctl resume {summary.get('run_dir', '')}"))
         for key, value in rows:
             table.add_row(key, str(value))
         self.console.print(table)

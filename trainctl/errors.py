@@ -11,6 +11,17 @@ from typing import Iterable, Optional, Sequence
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
+"""128 + the signal number: 130 after SIGINT (Ctrl-C), 143 after SIGTERM."""
+
+
+def exit_code(summary: dict) -> int:
+    """The process exit code for a finished run's summary."""
+    reason = summary.get("stop_reason")
+    if reason in ("completed", "early_stopped"):
+        return 0
+    if reason == "interrupted":
+        return 128 + int(summary.get("signal_number") or 2)
+    return EXIT_FAILED
 
 
 class ConfigError(Exception):

@@ -1,15 +1,19 @@
-"""One training job in its run directory: build, write the resolved spec, train, summarise."""
+"""One training job in its run directory: find what to resume from, build, write the resolved spec,
+train, summarise."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from trainctl.build import build_run, plan
-from trainctl.checkpoint import write_json
 from trainctl.console import Display
+from trainctl.errors import ConfigError
+from trainctl.files import CheckpointError, load_weights, write_json, write_text
 from trainctl.metrics import MetricsWriter
+from trainctl.checkpoint import Checkpoint, newest_valid, read_checkpoint
+from trainctl.resume import check_changes, find_resume_source, load_saved_spec
 from trainctl.runner import Runner
 from trainctl.spec import RunSpec, spec_yaml
 
@@ -17,19 +21,80 @@ log = logging.getLogger("trainctl")
 
 
 def train(spec: RunSpec, run_dir: Path, base_dir: str) -> Dict[str, Any]:
-    """Everything that can be wrong with the spec fails in build_run, before a file is written."""
-    run = build_run(spec, base_dir=base_dir)
+    """Everything that can be wrong with the spec or the checkpoint to resume from fails before a
+    file is written."""
+    source = find_resume_source(spec, run_dir)
+    changes = check_changes(source, spec) if source is not None else []
+    run = build_run(spec, run_dir=run_dir, base_dir=base_dir)
+    if source is not None:
+        try:
+            load_weights(run.model, source.weights)
+        except CheckpointError as exc:
+            raise ConfigError("checkpoint.resume", str(exc), "resume with the model settings it was saved with") from None
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(spec_yaml(spec), encoding="utf-8")
-    run.run_dir = run_dir
-    run.writer = MetricsWriter(run_dir, spec.logging.tensorboard)
+    write_text(run_dir / "config.yaml", spec_yaml(spec))
+    continuing = source is not None or spec.checkpoint.resume == "auto"
+    run.writer = MetricsWriter(run_dir, spec.logging.tensorboard,
+                               resume_step=(source.step if source else 0) if continuing else None)
+    if run.checkpointer is not None:
+        run.checkpointer.clean_stale()
     display = Display(spec.logging.progress, run.horizon.total_steps, run.horizon.total_epochs)
     runner = Runner(run, display)
     log.info("run directory: %s", run_dir)
+    if source is not None:
+        runner.load_state_dict(source.state)
+        runner.last_checkpoint = str(source.path)
+        log.info("resuming from %s: step %d, epoch %d, batch %d of the epoch", source.path, runner.state.step,
+                 runner.state.epoch, runner.state.batch_in_epoch)
+        for line in changes:
+            log.warning("changed on resume: %s", line)
+    elif spec.checkpoint.resume == "auto":
+        log.info("no checkpoint in %s: starting from the beginning", run_dir / "checkpoints")
     for key, value in plan(run).items():
         log.info("  %-26s %s", key, f"{value:,}" if isinstance(value, int) else value)
-    write_json(run_dir / "summary.json", {**runner.summary(0.0), "status": "running", "stop_reason": None})
+    write_json(run_dir / "summary.json", {**runner.summary(), "status": "running", "stop_reason": None})
     summary = runner.fit()
     display.summary(summary)
     log.info("summary: %s", {k: summary[k] for k in ("stop_reason", "best_metric", "steps", "wall_seconds")})
     return summary
+
+
+def _saved_weights(path: Path) -> Tuple[Path, Optional[Checkpoint], Optional[Path]]:
+    """(spec file, checkpoint or None, run directory or None) for a run or checkpoint directory."""
+    if (path / "config.yaml").is_file():
+        if (path / "model.safetensors").is_file():
+            return path / "config.yaml", None, path
+        found = newest_valid(path / "checkpoints")
+        if found is None:
+            raise ConfigError(None, f"{path} has neither model.safetensors nor a complete checkpoint")
+        return found.path / "spec.yaml", found, path
+    if (path / "spec.yaml").is_file() or (path / "state.pt").is_file():
+        ckpt = read_checkpoint(path)
+        run_dir = path.resolve().parent.parent
+        return path / "spec.yaml", ckpt, run_dir if (run_dir / "config.yaml").is_file() else None
+    raise ConfigError(None, f"{path} is neither a run directory (with config.yaml) nor a checkpoint directory",
+                      "pass outputs/DATE/TIME or outputs/DATE/TIME/checkpoints/best")
+
+
+def evaluate_saved(path: Path, overrides: Sequence[str], base_dir: str) -> Dict[str, Any]:
+    """Evaluate a run's final weights (or a checkpoint's) on the validation split of its data."""
+    try:
+        spec_file, ckpt, run_dir = _saved_weights(path)
+    except CheckpointError as exc:
+        raise ConfigError(None, str(exc)) from None
+    spec = load_saved_spec(spec_file, overrides, base_dir)
+    run = build_run(spec, base_dir=base_dir)
+    weights = ckpt.weights if ckpt is not None else path / "model.safetensors"
+    try:
+        load_weights(run.model, weights)
+    except CheckpointError as exc:
+        raise ConfigError(None, str(exc)) from None
+    if ckpt is not None and run.optimizer_has_modes:  # schedule-free: evaluate the averaged weights
+        from trainctl.optim import load_optimizer_state
+
+        load_optimizer_state(run.optimizer, run.scheduler, ckpt.state["optimizer"], ckpt.state["scheduler"])
+        run.optimizer.eval()
+    metrics = run.evaluator(run.model, run.data.val, run.precision.autocast)
+    return {"weights": str(weights.resolve()), "step": ckpt.step if ckpt else None,
+            "data": spec.data.name, "val_samples": run.data.info.n_val, "metrics": metrics,
+            "run_dir": str(run_dir) if run_dir else None}

@@ -110,16 +110,19 @@ class Evaluator:
 
 
 class TrainMeter:
-    """Running training loss and throughput between two log readings, accumulated on the device."""
+    """Running training loss, gradient norm and throughput between two log readings, accumulated on the
+    device. A non-finite value anywhere in the interval makes the sums non-finite, so one check at
+    reading (or checkpoint) time covers every step since the last one."""
 
     def __init__(self, every_n_steps: int, device: "torch.device") -> None:
         import torch
 
         self.every = every_n_steps
         self.loss_sum = torch.zeros((), device=device)
+        self.norm_sum = torch.zeros((), device=device)
         self.terms = 0
         self.samples = 0
-        self.grad_norm: Optional["torch.Tensor"] = None
+        self.norms = 0
         self.excluded = 0.0
         self.since = time.perf_counter()
 
@@ -129,14 +132,22 @@ class TrainMeter:
     def step_done(self, samples: int, terms: int, grad_norm: Optional["torch.Tensor"]) -> None:
         self.samples += samples
         self.terms += terms
-        self.grad_norm = grad_norm
+        if grad_norm is not None:
+            self.norm_sum += grad_norm.detach()
+            self.norms += 1
 
     def exclude(self, seconds: float) -> None:
-        """Time spent outside training (evaluation) that throughput should not count."""
+        """Time spent outside training (evaluation, checkpoints) that throughput should not count."""
         self.excluded += seconds
 
     def should_log(self, step: int) -> bool:
         return step % self.every == 0
+
+    def finite(self) -> bool:
+        """Whether every loss and gradient norm since the last reading was finite (one host sync)."""
+        import torch
+
+        return bool(torch.isfinite(self.loss_sum + self.norm_sum))
 
     def read(self) -> Dict[str, float]:
         """The readings since the last call (one host sync), then start over."""
@@ -144,22 +155,37 @@ class TrainMeter:
         seconds = max(1e-9, now - self.since - self.excluded)
         values = {"train/loss": float(self.loss_sum) / max(1, self.terms),
                   "train/samples_per_second": self.samples / seconds}
-        if self.grad_norm is not None:
-            values["train/grad_norm"] = float(self.grad_norm)
+        if self.norms:
+            values["train/grad_norm"] = float(self.norm_sum) / self.norms
         self.loss_sum.zero_()
-        self.terms = self.samples = 0
+        self.norm_sum.zero_()
+        self.terms = self.samples = self.norms = 0
         self.excluded = 0.0
         self.since = now
         return values
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"loss_sum": self.loss_sum.cpu(), "norm_sum": self.norm_sum.cpu(), "terms": self.terms,
+                "samples": self.samples, "norms": self.norms}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.loss_sum.copy_(state["loss_sum"])
+        self.norm_sum.copy_(state["norm_sum"])
+        self.terms, self.samples, self.norms = state["terms"], state["samples"], state["norms"]
 
 
 class MetricsWriter:
     """Appends one JSON object per event to `metrics.jsonl` and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: Optional[int] = None) -> None:
+        """With ``resume_step``, records after that step (written by a session that was then killed)
+        are dropped from `metrics.jsonl` and TensorBoard, so no step appears twice."""
         self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None:
+            truncate_metrics(self.path, resume_step)
         self.file = open(self.path, "a", encoding="utf-8")
         self.tb_dir = run_dir / "tb" if tensorboard else None
+        self.purge_step = resume_step + 1 if resume_step is not None else None
         self._tb: Any = None
 
     def write(self, step: int, epoch: int, values: Dict[str, float]) -> None:
@@ -170,7 +196,7 @@ class MetricsWriter:
             if self._tb is None:  # importing tensorboard takes ~1 s: pay it at the first log, not at start
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(self.tb_dir))
+                self._tb = SummaryWriter(log_dir=str(self.tb_dir), purge_step=self.purge_step)
             for key, value in values.items():
                 self._tb.add_scalar(key, value, step)
 
@@ -182,3 +208,24 @@ class MetricsWriter:
 
 def _finite_or_str(value: float) -> Any:
     return value if math.isfinite(value) else str(value)
+
+
+def read_metrics(path: Path) -> list:
+    """The records of a `metrics.jsonl`; a line cut short by a crash is ignored."""
+    records = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the records up to ``step`` (atomically)."""
+    from trainctl.files import write_text
+
+    if path.exists():
+        kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

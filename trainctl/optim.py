@@ -292,3 +292,27 @@ def build_optimizer(spec: OptimizerSpec, groups: List[dict]) -> "torch.optim.Opt
 
 def has_train_eval_modes(spec: OptimizerSpec) -> bool:
     return OPTIMIZERS.get(spec.name).train_eval
+
+
+RUNNING_GROUP_KEYS = frozenset({"lr", "train_mode", "weight_sum", "lr_max", "k", "step"})
+"""Param-group entries that are running state (schedule-free averaging, step counters), not settings."""
+
+
+def load_optimizer_state(optimizer: "torch.optim.Optimizer", scheduler: Any, saved_optimizer: Dict[str, Any],
+                         saved_scheduler: Dict[str, Any]) -> None:
+    """Restore optimizer and schedule state from a checkpoint, keeping the hyperparameters of the
+    current spec: with an unchanged spec this is an exact restore; a changed peak lr scales the
+    current (scheduled) lr, and other changed settings (betas, weight decay) apply from now on."""
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved_optimizer)
+    scheduler.load_state_dict(saved_scheduler)
+    for group, new in zip(optimizer.param_groups, fresh):
+        old_peak, new_peak = group.get("initial_lr", group["lr"]), new.get("initial_lr", new["lr"])
+        if old_peak != new_peak and old_peak:
+            group["lr"] = group["lr"] * new_peak / old_peak
+        for key, value in new.items():
+            if key not in RUNNING_GROUP_KEYS:
+                group[key] = value
+    inner = getattr(scheduler, "scheduler", scheduler)
+    if hasattr(inner, "base_lrs"):
+        inner.base_lrs = [new.get("initial_lr", new["lr"]) for new in fresh]

@@ -42,10 +42,13 @@ class Precision:
     def backward(self, loss: "torch.Tensor") -> None:
         loss.backward()
 
-    def step(self, optimizer: "torch.optim.Optimizer",
-             clip: Callable[[], Optional["torch.Tensor"]]) -> Tuple[Optional["torch.Tensor"], bool]:
-        """Clip, then step. Returns (pre-clip grad norm or None, whether the optimizer stepped)."""
+    def step(self, optimizer: "torch.optim.Optimizer", clip: Callable[[], Optional["torch.Tensor"]],
+             guard: Optional[Callable[[Optional["torch.Tensor"]], bool]] = None
+             ) -> Tuple[Optional["torch.Tensor"], bool]:
+        """Clip, then step unless ``guard(norm)`` says no. Returns (pre-clip grad norm or None, stepped)."""
         norm = clip()
+        if guard is not None and not guard(norm):
+            return norm, False
         optimizer.step()
         return norm, True
 

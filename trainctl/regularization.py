@@ -79,3 +79,12 @@ class GradClipper:
         if self.max_grad_norm is not None:
             return torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
         return None
+
+    def total_norm(self) -> "torch.Tensor":
+        """The global gradient norm (for the non-finite guard when no clipping computes it)."""
+        import torch
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))

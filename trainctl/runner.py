@@ -1,6 +1,7 @@
 """The training loop. Runner.fit() drives epochs; train_step() does one optimizer step over an
-accumulation window; evaluate() runs validation. The runner builds nothing and reads no config:
-components (precision, clipper, scheduler, meter, writer, display) do their own parts.
+accumulation window; _after_step() is the step boundary where logging, evaluation, callbacks and
+checkpoints happen, in that order. The runner builds nothing and reads no config: components
+(precision, clipper, scheduler, meter, checkpointer, callbacks, writer, display) do their own parts.
 """
 
 from __future__ import annotations
@@ -11,19 +12,26 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
 from trainctl import __version__
 from trainctl.batches import Batch, windows_of
 from trainctl.build import Run
-from trainctl.checkpoint import save_weights, write_json
+from trainctl.checkpoint import rng_state, set_rng_state
 from trainctl.console import Display
+from trainctl.files import CheckpointError, save_weights, write_json
 from trainctl.metrics import TrainMeter, is_better
+from trainctl.spec import spec_yaml
 from trainctl.state import RunState
 
 log = logging.getLogger("trainctl")
+progress_log = logging.getLogger("trainctl.progress")
+
+DONE = ("completed", "early_stopped")
+NO_CHECKPOINT = ("diverged", "failed", "checkpoint_failed")
+"""Stop reasons after which no checkpoint is written: the state is not one to continue from."""
 
 
 class Runner:
@@ -35,33 +43,46 @@ class Runner:
         self.meter = TrainMeter(run.log_every_n_steps, run.device)
         self.final: Dict[str, float] = {}
         self.eval_seconds = 0.0
-        self.train_seconds = 0.0
+        self.checkpoint_seconds = 0.0
+        self.session_seconds = 0.0
+        self.session_samples = 0
         self.lr = 0.0
+        self.signal: Optional[int] = None
+        self.last_checkpoint: Optional[str] = None
+        self.checkpoint_error: Optional[str] = None
+        self._improved = False
+        self._spec_yaml: Optional[str] = None
+        self._started = time.perf_counter()
+        self._train_seconds_before = 0.0
 
     # --- the loop ------------------------------------------------------------------------------------
 
     def fit(self) -> Dict[str, Any]:
         run, state = self.run, self.state
-        started = time.perf_counter()
+        self._started = time.perf_counter()
+        self._train_seconds_before = state.train_seconds
+        samples_before = state.samples_seen
         run.model.train()
         self._optimizer_mode("train")
         self.display.start(state.epoch, state.step)
         try:
             with self._stop_on_signals():
+                if state.eval_pending:  # the interrupted session owed this evaluation
+                    state.eval_pending = False
+                    self.evaluate()
+                    self._maybe_checkpoint(False, state.step >= run.horizon.total_steps)
                 while not state.should_stop and state.step < run.horizon.total_steps:
                     self._train_epoch()
-                self.train_seconds = time.perf_counter() - started - self.eval_seconds
-                if not state.should_stop and state.last_eval_step != state.step and self._evaluates():
-                    self.evaluate()
         except BaseException as exc:
-            self.train_seconds = self.train_seconds or time.perf_counter() - started - self.eval_seconds
             state.request_stop("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
             self.display.stop()
-            self._finish(time.perf_counter() - started, error=exc)
+            self.session_samples = state.samples_seen - samples_before
+            self._finish(error=exc)
             raise
         self.display.stop()
         state.request_stop("completed")
-        return self._finish(time.perf_counter() - started)
+        self.session_samples = state.samples_seen - samples_before
+        return self._finish()
 
     def _train_epoch(self) -> None:
         run, state = self.run, self.state
@@ -70,14 +91,8 @@ class Runner:
             self.train_step(window)
             state.batch_in_epoch += len(window)
             self._after_step()
-            if state.should_stop or state.step >= run.horizon.total_steps:
+            if state.should_stop or state.step >= run.horizon.total_steps or state.batch_in_epoch == 0:
                 break
-        if state.batch_in_epoch >= len(run.data.train):
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            due = run.eval_every_n_epochs and state.epoch % run.eval_every_n_epochs == 0
-            if due and state.last_eval_step != state.step:  # a step-interval evaluation may have just run
-                self.evaluate()
 
     def train_step(self, window: List[Batch]) -> None:
         """One optimizer step over the micro-batches of an accumulation window.
@@ -87,34 +102,92 @@ class Runner:
         """
         run = self.run
         terms = sum(run.loss.count(y) for _, y in window)
+        window_loss: Optional[torch.Tensor] = None
         for x, y in window:
             with run.precision.autocast():
                 loss_sum = run.loss(run.model(x), y)
             run.precision.backward(loss_sum / terms)
-            self.meter.add(loss_sum)
+            loss_sum = loss_sum.detach()
+            window_loss = loss_sum if window_loss is None else window_loss + loss_sum
+        assert window_loss is not None
         self.lr = run.optimizer.param_groups[0]["lr"]  # the lr this step used, before the schedule moves on
-        grad_norm, _ = run.precision.step(run.optimizer, run.clipper)
+        guard = self._finite_guard(window_loss) if run.skip_nonfinite else None
+        grad_norm, stepped = run.precision.step(run.optimizer, run.clipper, guard)
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         samples = sum(len(x) for x, _ in window)
         self.state.samples_seen += samples
         self.state.step += 1
-        self.meter.step_done(samples, terms, grad_norm)
+        if stepped:
+            self.meter.add(window_loss)
+            self.meter.step_done(samples, terms, grad_norm)
+            self.state.consecutive_skips = 0
+        else:
+            self.meter.step_done(samples, 0, None)
+            self._skipped()
+
+    def _finite_guard(self, window_loss: torch.Tensor) -> Callable[[Optional[torch.Tensor]], bool]:
+        def guard(norm: Optional[torch.Tensor]) -> bool:
+            norm = self.run.clipper.total_norm() if norm is None else norm
+            return bool(torch.isfinite(window_loss) & torch.isfinite(norm))
+        return guard
+
+    def _skipped(self) -> None:
+        state = self.state
+        state.skipped_steps += 1
+        state.consecutive_skips += 1
+        log.warning("step %d: non-finite loss or gradient norm; the optimizer step was skipped "
+                    "(%d in a row, %d in total)", state.step, state.consecutive_skips, state.skipped_steps)
+        if state.consecutive_skips >= self.run.max_consecutive_skips:
+            self._diverged(f"{state.consecutive_skips} optimizer steps in a row had a non-finite loss or "
+                           f"gradient norm (trainer.max_consecutive_skips={self.run.max_consecutive_skips})")
+
+    # --- the step boundary -----------------------------------------------------------------------------
 
     def _after_step(self) -> None:
         run, state = self.run, self.state
+        epoch_end = state.batch_in_epoch >= len(run.data.train)
+        if epoch_end:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+        last = state.step >= run.horizon.total_steps
         self.display.step(state.step, state.epoch)
         if self.meter.should_log(state.step):
-            values = self.meter.read()
-            values["lr"] = self.lr
-            self._record(values)
-            if not math.isfinite(values["train/loss"]):
-                log.error("step %d: the training loss is %s. Likely fixes: lower optimizer.lr, set "
-                          "regularization.max_grad_norm=1.0, or add warmup (scheduler=warmup_cosine).",
-                          state.step, values["train/loss"])
-                state.request_stop("diverged")
-        if run.eval_every_n_steps and state.step % run.eval_every_n_steps == 0:
-            self.evaluate()
+            self._log_training()
+        if state.stop_reason == "diverged":
+            return
+        if self._eval_due(epoch_end, last):
+            if state.stop_reason == "interrupted":
+                state.eval_pending = True  # stop promptly; the resumed run evaluates first
+            else:
+                self.evaluate()
+        self._maybe_checkpoint(epoch_end, last)
+
+    def _eval_due(self, epoch_end: bool, last: bool) -> bool:
+        run, state = self.run, self.state
+        if state.last_eval_step == state.step:
+            return False
+        return bool((run.eval_every_n_steps and state.step % run.eval_every_n_steps == 0)
+                    or (epoch_end and run.eval_every_n_epochs and state.epoch % run.eval_every_n_epochs == 0)
+                    or (last and self._evaluates()))
+
+    def _log_training(self) -> None:
+        values = self.meter.read()
+        values["lr"] = self.lr
+        if self.run.skip_nonfinite:
+            values["train/skipped_steps"] = self.state.skipped_steps
+        self._record(values)
+        if not all(math.isfinite(values.get(k, 0.0)) for k in ("train/loss", "train/grad_norm")):
+            self._diverged(f"the training loss or gradient norm became non-finite (train/loss "
+                           f"{values['train/loss']}, logged every {self.meter.every} steps)")
+
+    def _diverged(self, what: str) -> None:
+        kept = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+        log.error("step %d: %s. The run stops as diverged and no checkpoint is written from this state%s. "
+                  "Likely fixes: lower optimizer.lr, set regularization.max_grad_norm=1.0, add warmup "
+                  "(scheduler=warmup_cosine), or trainer.on_nonfinite=skip to skip bad steps.",
+                  self.state.step, what, kept)
+        self.state.request_stop("diverged")
 
     # --- evaluation --------------------------------------------------------------------------------
 
@@ -132,6 +205,10 @@ class Runner:
         if value is not None and is_better(value, state.best_metric, run.mode):
             state.best_metric, state.best_step = value, state.step
         run.scheduler.on_eval(metrics)
+        if run.checkpointer is not None:
+            self._improved = run.checkpointer.improved(metrics, state.step)
+        for callback in run.callbacks:
+            callback.on_eval(state, metrics, run.model)
         self._record(metrics)
         seconds = time.perf_counter() - tic
         self.eval_seconds += seconds
@@ -148,6 +225,77 @@ class Runner:
             self.run.writer.write(self.state.step, self.state.epoch, values)
         self.display.report(self.state.step, self.state.epoch, values)
 
+    # --- checkpoints ---------------------------------------------------------------------------------
+
+    def _maybe_checkpoint(self, epoch_end: bool, last: bool) -> None:
+        run, state = self.run, self.state
+        improved, self._improved = self._improved, False
+        checkpointer = run.checkpointer
+        if checkpointer is None or state.stop_reason in NO_CHECKPOINT:
+            return
+        final = (last or state.should_stop) and checkpointer.spec.save_last
+        if not (final or improved or checkpointer.periodic_due(state.step, state.epoch, epoch_end)):
+            return
+        if not self.meter.finite():  # never checkpoint a state reached through a non-finite step
+            self._diverged("the training loss or gradient norm became non-finite")
+            return
+        self.save_checkpoint(best=improved)
+
+    def save_checkpoint(self, best: bool = False) -> None:
+        run, state = self.run, self.state
+        assert run.checkpointer is not None
+        tic = time.perf_counter()
+        state.train_seconds = self._train_seconds()
+        meta = {"trainctl_version": __version__, "torch_version": torch.__version__, "world_size": 1,
+                "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "samples_seen": state.samples_seen,
+                "monitor": run.checkpointer.monitor, "metric": self.final.get(run.checkpointer.monitor)}
+        try:
+            self._spec_yaml = self._spec_yaml or spec_yaml(run.spec)  # ~50 ms to render: once per run
+            path = run.checkpointer.save(state.step, run.model, self.state_dict(), self._spec_yaml, meta, best)
+        except CheckpointError as exc:
+            self.checkpoint_error = str(exc)
+            if run.spec.checkpoint.on_error == "continue":
+                log.error("%s; the previous checkpoint stays valid; training continues "
+                          "(checkpoint.on_error=continue)", exc)
+            else:
+                log.error("%s; the previous checkpoint (%s) stays valid; the run stops "
+                          "(set checkpoint.on_error=continue to train on)", exc, self.last_checkpoint or "none")
+                state.request_stop("checkpoint_failed")
+        else:
+            self.last_checkpoint = str(path)
+            self.checkpoint_error = None
+            progress_log.info("checkpoint saved: %s%s", path, " (best)" if best else "")
+        seconds = time.perf_counter() - tic
+        self.checkpoint_seconds += seconds
+        self.meter.exclude(seconds)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything besides the weights that a resumed run needs to continue exactly."""
+        run = self.run
+        return {
+            "run": self.state.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "precision": run.precision.state_dict(),
+            "checkpointer": run.checkpointer.state_dict() if run.checkpointer else {},
+            "callbacks": {c.name: c.state_dict() for c in run.callbacks},
+            "meter": self.meter.state_dict(), "rng": rng_state(),
+        }
+
+    def load_state_dict(self, saved: Dict[str, Any]) -> None:
+        """Restore a checkpoint's state (the weights are loaded separately, before this)."""
+        from trainctl.optim import load_optimizer_state
+
+        run = self.run
+        self.state.load_state_dict(saved["run"])
+        load_optimizer_state(run.optimizer, run.scheduler, saved["optimizer"], saved["scheduler"])
+        run.precision.load_state_dict(saved["precision"])
+        if run.checkpointer is not None and saved.get("checkpointer"):
+            run.checkpointer.load_state_dict(saved["checkpointer"])
+        for callback in run.callbacks:
+            if callback.name in saved["callbacks"]:
+                callback.load_state_dict(saved["callbacks"][callback.name])
+        self.meter.load_state_dict(saved["meter"])
+        set_rng_state(saved["rng"])
+
     # --- stopping and finishing ---------------------------------------------------------------------
 
     @contextmanager
@@ -158,10 +306,11 @@ class Runner:
             return
 
         def handler(signum: int, frame: Any) -> None:
-            if self.state.should_stop and signum == signal.SIGINT:
+            if self.signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            log.warning("%s received: stopping after the current step (press Ctrl-C again to stop now)",
-                        signal.Signals(signum).name)
+            self.signal = self.signal or signum
+            log.warning("%s received: stopping after the current step and saving a checkpoint "
+                        "(press Ctrl-C again to stop now)", signal.Signals(signum).name)
             self.state.request_stop("interrupted")
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -171,34 +320,54 @@ class Runner:
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
-    def summary(self, wall_seconds: float, error: Optional[BaseException] = None) -> Dict[str, Any]:
+    def _train_seconds(self) -> float:
+        session = time.perf_counter() - self._started - self.eval_seconds - self.checkpoint_seconds
+        return self._train_seconds_before + max(0.0, session)
+
+    def summary(self, error: Optional[BaseException] = None) -> Dict[str, Any]:
         run, state = self.run, self.state
-        train_seconds = max(self.train_seconds, 1e-9)
+        wall = time.perf_counter() - self._started
+        session_train = max(self._train_seconds() - self._train_seconds_before, 1e-9)
         reason = state.stop_reason or "completed"
-        status = {"completed": "done", "interrupted": "interrupted"}.get(reason, "failed")
+        status = "done" if reason in DONE else "interrupted" if reason == "interrupted" else "failed"
         summary = {
             "status": status, "stop_reason": reason, "monitor": run.monitor, "mode": run.mode,
             "best_metric": state.best_metric, "best_step": state.best_step,
             "final": {k: v for k, v in self.final.items() if k.startswith(("val/", "train/loss"))},
             "steps": state.step, "epochs_completed": state.epoch, "samples_seen": state.samples_seen,
-            "wall_seconds": round(wall_seconds, 3), "train_seconds": round(train_seconds, 3),
-            "samples_per_second": state.samples_seen / train_seconds,
+            "wall_seconds": round(wall, 3), "train_seconds": round(self._train_seconds(), 3),
+            "eval_seconds": round(self.eval_seconds, 3), "checkpoint_seconds": round(self.checkpoint_seconds, 3),
+            "samples_per_second": self.session_samples / session_train,
+            "skipped_steps": state.skipped_steps, "last_checkpoint": self.last_checkpoint,
             "run_dir": str(run.run_dir) if run.run_dir else None,
             "trainctl_version": __version__, "torch_version": torch.__version__,
         }
+        if self.signal is not None:
+            summary["signal"], summary["signal_number"] = signal.Signals(self.signal).name, int(self.signal)
+        if self.checkpoint_error:
+            summary["checkpoint_error"] = self.checkpoint_error
         if error is not None and not isinstance(error, KeyboardInterrupt):
             summary["error"] = f"{type(error).__name__}: {error}"
         return summary
 
-    def _finish(self, wall_seconds: float, error: Optional[BaseException] = None) -> Dict[str, Any]:
-        run = self.run
+    def _finish(self, error: Optional[BaseException] = None) -> Dict[str, Any]:
+        run, state = self.run, self.state
+        if error is None:
+            for callback in run.callbacks:
+                callback.on_fit_end(state, run.model)
         self._optimizer_mode("eval")  # schedule-free: the saved weights are the averaged ones
-        summary = self.summary(wall_seconds, error)
-        if run.run_dir is not None:
-            write_json(run.run_dir / "summary.json", summary)
-            if error is None or isinstance(error, KeyboardInterrupt):
+        if run.run_dir is not None and state.stop_reason not in ("diverged", "failed"):
+            try:
                 save_weights(run.model, run.run_dir / "model.safetensors",
-                             {"trainctl_version": __version__, "step": str(self.state.step)})
+                             {"trainctl_version": __version__, "step": str(state.step)})
+            except OSError as exc:
+                log.error("could not write %s: %s", run.run_dir / "model.safetensors", exc.strerror or exc)
+        summary = self.summary(error)
+        if run.run_dir is not None:
+            try:
+                write_json(run.run_dir / "summary.json", summary)
+            except OSError as exc:
+                log.error("could not write the summary: %s", exc.strerror or exc)
             if run.writer is not None:
                 run.writer.close()
         return summary

@@ -19,6 +19,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from trainctl import data as data_mod
+from trainctl.callbacks import EarlyStoppingSpec
+from trainctl.checkpoint import CheckpointSpec
 from trainctl.data import DataSpec
 from trainctl.errors import ConfigError, check, check_choice
 from trainctl.loss import LOSSES, LossSpec, loss_problem
@@ -54,6 +56,11 @@ class TrainerSpec:
     """Validation metric that defines the best result (auto: val/acc for classification, val/loss otherwise)."""
     mode: str = "auto"
     """min or max for `trainer.monitor` (auto: max for accuracy/F1, min for losses and errors)."""
+    on_nonfinite: str = "stop"
+    """A non-finite loss or gradient norm: stop (end the run as diverged; no checkpoint is written from
+    that state) or skip (drop that optimizer step; costs one host sync per step)."""
+    max_consecutive_skips: int = 10
+    """With on_nonfinite=skip: stop as diverged after this many skipped steps in a row."""
 
     def validate(self, key: str = "trainer") -> None:
         check(self.max_epochs is not None or self.max_steps is not None, f"{key}.max_epochs",
@@ -70,6 +77,9 @@ class TrainerSpec:
         check(self.device.split(":")[0] in DEVICES, f"{key}.device",
               f"'{self.device}' is not one of {', '.join(DEVICES)} (or cuda:N)", f"set {key}.device=auto")
         check_choice(self.mode, ("auto", "min", "max"), f"{key}.mode")
+        check_choice(self.on_nonfinite, ("stop", "skip"), f"{key}.on_nonfinite")
+        check(self.max_consecutive_skips >= 1, f"{key}.max_consecutive_skips", "must be >= 1",
+              f"set {key}.max_consecutive_skips=10")
 
 
 @dataclass
@@ -103,11 +113,14 @@ class RunSpec:
     loss: LossSpec = MISSING
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    early_stopping: EarlyStoppingSpec = field(default_factory=EarlyStoppingSpec)
     allowed_target_prefixes: List[str] = field(default_factory=list)
     """Module prefixes (besides trainctl. and torch.nn.) that `_target_` entries may import from."""
 
     def resolve_paths(self, base_dir: str) -> None:
         self.data.resolve_paths(base_dir)
+        self.checkpoint.resolve_paths(base_dir)
 
     def validate(self) -> None:
         """Every group's own checks, then the checks that involve more than one group."""
@@ -117,7 +130,8 @@ class RunSpec:
         if not is_custom(self.model):
             _check_option("model", self.model, MODELS)
         validate_model(self.model, self.allowed_target_prefixes)
-        for key in ("data", "optimizer", "scheduler", "regularization", "precision", "loss", "trainer", "logging"):
+        for key in ("data", "optimizer", "scheduler", "regularization", "precision", "loss", "trainer", "logging",
+                    "checkpoint", "early_stopping"):
             getattr(self, key).validate(key)
         self._validate_across_groups()
 
@@ -135,6 +149,12 @@ class RunSpec:
               f"'{monitor}' is not reported for {task} data; choose from {', '.join(VAL_METRICS[task])}",
               f"set trainer.monitor={VAL_METRICS[task][0]}")
         evaluates = self.trainer.eval_every_n_epochs or self.trainer.eval_every_n_steps
+        for key, node in (("checkpoint", self.checkpoint), ("early_stopping", self.early_stopping)):
+            check(node.monitor == "auto" or node.monitor in VAL_METRICS[task], f"{key}.monitor",
+                  f"'{node.monitor}' is not reported for {task} data; choose from {', '.join(VAL_METRICS[task])}",
+                  f"set {key}.monitor=auto")
+        check(not self.early_stopping.enabled or bool(evaluates), "early_stopping.patience",
+              "early stopping counts evaluations, but evaluation is off", "set trainer.eval_every_n_epochs=1")
         if SCHEDULERS.get(self.scheduler.name).monitors:
             check(self.scheduler.monitor in VAL_METRICS[task], "scheduler.monitor",
                   f"'{self.scheduler.monitor}' is not reported for {task} data; "
@@ -142,13 +162,20 @@ class RunSpec:
             check(bool(evaluates), "scheduler", "scheduler=plateau steps on validation results, "
                   "but evaluation is off", "set trainer.eval_every_n_epochs=1")
 
-    def monitor(self, task: str) -> str:
-        return default_monitor(task)[0] if self.trainer.monitor == "auto" else self.trainer.monitor
+    def monitor(self, task: str, node: Any = None) -> str:
+        """The metric that defines "best" for ``node`` (trainer, checkpoint or early_stopping)."""
+        node = node or self.trainer
+        if node.monitor != "auto":
+            return node.monitor
+        return default_monitor(task)[0] if node is self.trainer else self.monitor(task)
 
-    def monitor_mode(self, task: str) -> str:
-        if self.trainer.mode != "auto":
-            return self.trainer.mode
-        return MODE_OF.get(self.monitor(task).split("/")[-1], "min")
+    def monitor_mode(self, task: str, node: Any = None) -> str:
+        node = node or self.trainer
+        if node.mode != "auto":
+            return node.mode
+        if node is not self.trainer and node.monitor == "auto":
+            return self.monitor_mode(task)
+        return MODE_OF.get(self.monitor(task, node).split("/")[-1], "min")
 
 
 def _check_option(key: str, spec: Any, registry: Any) -> None:

@@ -1,0 +1,148 @@
+"""Continuing a run: rebuild a spec from a run directory's `config.yaml` (plus overrides), find the
+checkpoint to continue from, and compare the saved spec with the new one.
+
+A change that cannot work with the saved state (the model, the data, the optimizer or schedule
+type) is refused with the list of offending keys; any other change (more epochs, evaluation or
+logging cadence, a new learning rate) is allowed and listed in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from trainctl import data as data_mod
+from trainctl.checkpoint import Checkpoint, committed, find_source, newest_valid
+from trainctl.errors import ConfigError, did_you_mean
+from trainctl.files import CheckpointError
+from trainctl.loss import LOSSES
+from trainctl.model import MODELS
+from trainctl.optim import OPTIMIZERS
+from trainctl.precision import PRECISIONS
+from trainctl.schedule import SCHEDULERS
+from trainctl.spec import RunSpec, load_spec, spec_yaml
+
+log = logging.getLogger("trainctl")
+
+GROUPS = {"model": MODELS, "data": data_mod.DATASETS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
+          "precision": PRECISIONS, "loss": LOSSES}
+SAFE_DATA_KEYS = ("data.num_workers", "data.eval_batch_size")
+REFUSED = ("model", "data", "optimizer.name", "scheduler.name")
+"""Key prefixes whose change makes the saved state unusable (a different network, data or order of
+samples, or optimizer/schedule state of another kind)."""
+
+
+def flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(node, dict):
+        flat: Dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def _spec_dict(text: str) -> Dict[str, Any]:
+    return flatten(OmegaConf.to_container(OmegaConf.create(text), resolve=True))
+
+
+def spec_changes(saved_yaml: str, spec: RunSpec, world_size: Tuple[int, int] = (1, 1)) -> Tuple[List[str], List[str]]:
+    """(refused, allowed) changes between a checkpoint's spec and ``spec``, as 'key: old -> new' lines."""
+    old, new = _spec_dict(saved_yaml), _spec_dict(spec_yaml(spec))
+    refused, allowed = [], []
+    for key in sorted(set(old) | set(new)):
+        if key.startswith("checkpoint.resume") or old.get(key, "<unset>") == new.get(key, "<unset>"):
+            continue
+        line = f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}"
+        unsafe = any(key == p or key.startswith(p + ".") for p in REFUSED) and key not in SAFE_DATA_KEYS
+        (refused if unsafe else allowed).append(line)
+    if world_size[0] != world_size[1]:
+        refused.append(f"world size: {world_size[0]} -> {world_size[1]}")
+    return refused, allowed
+
+
+def check_changes(source: Checkpoint, spec: RunSpec) -> List[str]:
+    """Refuse unusable changes (ConfigError listing them); return the allowed ones."""
+    saved_world = int(source.meta.get("world_size", 1))
+    refused, allowed = spec_changes(source.spec_yaml, spec, (saved_world, 1))
+    if refused:
+        raise ConfigError("checkpoint.resume", f"{source.path} cannot continue with these changes:\n    "
+                          + "\n    ".join(refused),
+                          "drop those overrides, or start a new run (a new hydra.run.dir without checkpoint.resume)")
+    return allowed
+
+
+def find_resume_source(spec: RunSpec, run_dir: Path) -> Optional[Checkpoint]:
+    """The checkpoint a run continues from, per `checkpoint.resume` (None: start from scratch)."""
+    resume = spec.checkpoint.resume
+    try:
+        if resume is None:
+            return None
+        if resume == "auto":
+            found = newest_valid(run_dir / "checkpoints")
+            if found is None and committed(run_dir / "checkpoints"):
+                raise CheckpointError(f"none of the checkpoints in {run_dir / 'checkpoints'} is intact")
+            return found
+        return find_source(Path(resume))
+    except CheckpointError as exc:
+        raise ConfigError("checkpoint.resume", str(exc),
+                          "point checkpoint.resume at another checkpoint, or start a new run") from None
+
+
+# --- a spec from a run directory ---------------------------------------------------------------------
+
+def _typed(saved: DictConfig) -> DictConfig:
+    """Rebuild the typed config (each group node as its option's dataclass) from plain saved YAML."""
+    cfg = OmegaConf.structured(RunSpec)
+    for group, registry in GROUPS.items():
+        node = saved.get(group)
+        if group == "model" and "_target_" in node:
+            cfg.model = node
+            continue
+        try:
+            entry = registry.get(node.name)
+        except ConfigError as exc:
+            raise ConfigError(f"{group}.name", f"the saved spec names {exc.message}") from None
+        cfg[group] = OmegaConf.merge(OmegaConf.structured(entry.spec), node)
+    rest = {k: v for k, v in saved.items() if k not in GROUPS}
+    return OmegaConf.merge(cfg, rest)
+
+
+def _keys(node: Any, prefix: str = "") -> List[str]:
+    return list(flatten(OmegaConf.to_container(node), prefix))
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """``key=value`` overrides on a rebuilt spec (options of a group cannot be switched here)."""
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if not sep or key.startswith(("+", "~")):
+            raise ConfigError(None, f"cannot apply '{override}' to a saved run: use key=value",
+                              "e.g. trainer.max_epochs=60")
+        if key in GROUPS:
+            raise ConfigError(key, f"a continued run keeps its {key} option ({cfg[key].get('name', 'custom')})",
+                              f"change fields instead (e.g. {key}.<field>=...) or start a new run")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
+        except (ConfigKeyError, ValidationError, AttributeError) as exc:
+            if isinstance(exc, ValidationError) and "Key" not in type(exc).__name__ and "not in" not in str(exc):
+                raise ConfigError(key, str(exc).splitlines()[0], "see `trainctl show` for the type") from None
+            hits = did_you_mean(key, _keys(cfg))
+            hint = f" Did you mean '{hits[0]}'?" if hits else ""
+            raise ConfigError(key, f"no such key.{hint}", f"set {hits[0]}=..." if hits else None) from None
+    return cfg
+
+
+def load_saved_spec(path: Path, overrides: Sequence[str], base_dir: str) -> RunSpec:
+    """The validated spec of a saved run (`config.yaml` or a checkpoint's `spec.yaml`) plus overrides."""
+    try:
+        saved = OmegaConf.load(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(None, f"cannot read {path}: {exc}") from None
+    assert isinstance(saved, DictConfig)
+    cfg = _typed(saved)
+    cfg.checkpoint.resume = None  # where the saved run came from is history, not an instruction
+    return load_spec(apply_overrides(cfg, overrides), base_dir)
