@@ -34,6 +34,24 @@ def trainctl(args: List[str], cwd: Path, timeout: float = 300, env: dict | None 
                           timeout=timeout, env=full_env)
 
 
+def run_then_signal(args: List[str], run_dir: Path, cwd: Path, sig: int, after_lines: int) -> subprocess.Popen:
+    """Start `trainctl run ARGS hydra.run.dir=RUN_DIR`, send ``sig`` once metrics.jsonl has more than
+    ``after_lines`` records, and wait for the process to end."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "trainctl", "run", *args, f"hydra.run.dir={run_dir}"],
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) > after_lines:
+            break
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.stdout_text, proc.stderr_text = proc.communicate(timeout=60)
+    return proc
+
+
 @pytest.fixture
 def text_file(tmp_path: Path) -> Path:
     """A small, learnable text: repeated sentences with a few variations (about 20 KB)."""

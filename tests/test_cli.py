@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import trainctl
+from conftest import run_then_signal, trainctl
 
 
 def _summary(run_dir: Path) -> dict:
@@ -88,6 +88,9 @@ def test_user_tsv_regression_end_to_end(tmp_path, tsv_regression):
     (["trainer.max_epochs=abc"], "trainer.max_epochs"),
     (["data=csv", "data.path=nope.csv", "data.target=y"], "no such file"),
     (["-m", "optimizer=adamw,sgdd"], "Did you mean 'sgd'"),
+    (["checkpoint.resume=no/such/run"], "checkpoint.resume"),
+    (["early_stopping.patience=0"], "early_stopping.patience: must be >= 1"),
+    (["checkpoint.every_n_step=5"], "Did you mean 'checkpoint.every_n_steps'"),
 ])
 def test_config_errors_exit_2_without_traceback_or_run_dir(tmp_path, args, needle):
     out = trainctl(["run", *args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
@@ -168,17 +171,9 @@ def test_text_gpt_recipe_on_a_small_file(tmp_path, text_file):
 @pytest.mark.slow
 def test_ctrl_c_stops_at_a_step_boundary_and_keeps_the_results(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "trainctl", "run", "trainer.max_epochs=1000",
-                             f"hydra.run.dir={run_dir}", "logging.progress=plain"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) > 20:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    proc = run_then_signal(["trainer.max_epochs=1000", "logging.progress=plain"], run_dir, tmp_path,
+                           signal.SIGINT, after_lines=20)
+    stdout, stderr = proc.stdout_text, proc.stderr_text
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     summary = _summary(run_dir)
@@ -186,6 +181,8 @@ def test_ctrl_c_stops_at_a_step_boundary_and_keeps_the_results(tmp_path):
     assert (run_dir / "model.safetensors").stat().st_size > 0
     steps = [r["step"] for r in _metrics(run_dir) if "train/loss" in r]
     assert steps == sorted(set(steps))
+    assert (run_dir / "checkpoints" / "last").resolve().name == f"step-{summary['steps']:08d}"
+    assert "trainctl resume" in stdout, "the summary says how to continue"
 
 
 def test_python_dash_m_is_the_same_program():

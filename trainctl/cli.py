@@ -114,7 +114,7 @@ def cmd_eval(argv: Sequence[str]) -> None:
     result = evaluate_saved(path, args.overrides, os.getcwd())
     output = Path(args.output) if args.output else None
     if output is None and result["run_dir"]:
-        name = "eval.json" if result["step"] is None else f"eval-{path.resolve().name}.json"
+        name = "eval.json" if result["step"] is None else f"eval-{path.absolute().name}.json"
         output = Path(result["run_dir"]) / name
     if output is not None:
         result["output"] = str(output)

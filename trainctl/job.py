@@ -42,7 +42,8 @@ def train(spec: RunSpec, run_dir: Path, base_dir: str) -> Dict[str, Any]:
     runner = Runner(run, display)
     log.info("run directory: %s", run_dir)
     if source is not None:
-        runner.load_state_dict(source.state)
+        runner.load_state_dict(source.state, new_settings=any(
+            line.startswith(("optimizer.", "regularization.")) for line in changes))
         runner.last_checkpoint = str(source.path)
         log.info("resuming from %s: step %d, epoch %d, batch %d of the epoch", source.path, runner.state.step,
                  runner.state.epoch, runner.state.batch_in_epoch)

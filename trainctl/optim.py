@@ -299,13 +299,16 @@ RUNNING_GROUP_KEYS = frozenset({"lr", "train_mode", "weight_sum", "lr_max", "k",
 
 
 def load_optimizer_state(optimizer: "torch.optim.Optimizer", scheduler: Any, saved_optimizer: Dict[str, Any],
-                         saved_scheduler: Dict[str, Any]) -> None:
-    """Restore optimizer and schedule state from a checkpoint, keeping the hyperparameters of the
-    current spec: with an unchanged spec this is an exact restore; a changed peak lr scales the
-    current (scheduled) lr, and other changed settings (betas, weight decay) apply from now on."""
+                         saved_scheduler: Dict[str, Any], new_settings: bool = False) -> None:
+    """Restore optimizer and schedule state from a checkpoint (exactly). With ``new_settings`` (the
+    optimizer or regularization settings were changed for the resumed run), the current spec's
+    hyperparameters replace the saved ones: a changed peak lr scales the current (scheduled) lr, and
+    other settings (betas, momentum, weight decay) apply from the next step."""
     fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(saved_optimizer)
     scheduler.load_state_dict(saved_scheduler)
+    if not new_settings:
+        return
     for group, new in zip(optimizer.param_groups, fresh):
         old_peak, new_peak = group.get("initial_lr", group["lr"]), new.get("initial_lr", new["lr"])
         if old_peak != new_peak and old_peak:

@@ -11,6 +11,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -113,7 +114,12 @@ class Runner:
         self.lr = run.optimizer.param_groups[0]["lr"]  # the lr this step used, before the schedule moves on
         guard = self._finite_guard(window_loss) if run.skip_nonfinite else None
         grad_norm, stepped = run.precision.step(run.optimizer, run.clipper, guard)
-        run.scheduler.step()
+        if stepped:
+            run.scheduler.step()
+        else:  # the schedule keeps counting steps; torch warns when it moves before any optimizer step
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         samples = sum(len(x) for x, _ in window)
         self.state.samples_seen += samples
@@ -280,13 +286,14 @@ class Runner:
             "meter": self.meter.state_dict(), "rng": rng_state(),
         }
 
-    def load_state_dict(self, saved: Dict[str, Any]) -> None:
-        """Restore a checkpoint's state (the weights are loaded separately, before this)."""
+    def load_state_dict(self, saved: Dict[str, Any], new_settings: bool = False) -> None:
+        """Restore a checkpoint's state (the weights are loaded separately, before this).
+        ``new_settings``: the optimizer settings changed since the save; apply the new ones."""
         from trainctl.optim import load_optimizer_state
 
         run = self.run
         self.state.load_state_dict(saved["run"])
-        load_optimizer_state(run.optimizer, run.scheduler, saved["optimizer"], saved["scheduler"])
+        load_optimizer_state(run.optimizer, run.scheduler, saved["optimizer"], saved["scheduler"], new_settings)
         run.precision.load_state_dict(saved["precision"])
         if run.checkpointer is not None and saved.get("checkpointer"):
             run.checkpointer.load_state_dict(saved["checkpointer"])

@@ -343,7 +343,11 @@ class Schedule:
         return self.scheduler.state_dict()
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore the saved state, except the run's length: a resumed run that was made longer
+        follows the schedule of its new length (OneCycleLR keeps its length in its state)."""
+        length = {k: v for k, v in vars(self.scheduler).items() if k in ("total_steps", "_schedule_phases")}
         self.scheduler.load_state_dict(state)
+        vars(self.scheduler).update(length)
 
 
 def _onecycle(spec: OneCycleSpec, optimizer: "torch.optim.Optimizer", horizon: Horizon) -> Schedule:

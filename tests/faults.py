@@ -1,0 +1,71 @@
+"""Run the trainctl CLI with a fault injected, as a separate process the tests can kill.
+
+    python tests/faults.py kill-after-step K  -- run ARGS...   # SIGKILL itself right after optimizer step K
+    python tests/faults.py stall-save N FLAG  -- run ARGS...   # the N-th state.pt write stops half-way,
+                                                               # touches FLAG and hangs (the test kills it)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+
+def kill_after_step(step: int) -> None:
+    from trainctl.runner import Runner
+
+    original = Runner.train_step
+
+    def train_step(self, window):
+        original(self, window)
+        if self.state.step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    Runner.train_step = train_step
+
+
+def stall_save(nth: int, flag: str) -> None:
+    import io
+
+    import torch
+
+    original = torch.save
+    calls = {"n": 0}
+
+    def save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] < nth:
+            return original(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        original(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        with open(f, "wb") as handle:
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+            os.fsync(handle.fileno())
+        open(flag, "w").close()
+        while True:
+            time.sleep(1)
+
+    torch.save = save
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    split = args.index("--")
+    fault, params, cli = args[0], args[1:split], args[split + 1:]
+    if fault == "kill-after-step":
+        kill_after_step(int(params[0]))
+    elif fault == "stall-save":
+        stall_save(int(params[0]), params[1])
+    else:
+        raise SystemExit(f"unknown fault {fault}")
+    from trainctl.cli import main as cli_main
+
+    cli_main(cli)
+
+
+if __name__ == "__main__":
+    main()
