@@ -69,10 +69,9 @@ def _log_to_file(path: Path) -> None:
 def cmd_resume(argv: Sequence[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: trainctl resume RUN_DIR [KEY=VALUE...]\n\nContinue a run in place from its newest intact "
-              "checkpoint (older ones are tried if it is damaged).\nOverrides may change the length, evaluation, "
+              "checkpoint (older ones are tried if it is damaged; with none, it starts over in place).\nOverrides may change the length, evaluation, "
               "logging and optimizer settings; changes to the model or data are refused.")
         sys.exit(0 if argv else EXIT_CONFIG)
-    from trainctl.checkpoint import committed
     from trainctl.errors import exit_code
     from trainctl.resume import load_saved_spec
 
@@ -80,9 +79,6 @@ def cmd_resume(argv: Sequence[str]) -> None:
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(None, f"{run_dir} is not a trainctl run directory (it has no config.yaml)",
                           "pass the directory `trainctl run` printed, e.g. outputs/2026-01-31/12-00-00")
-    if not committed(run_dir / "checkpoints"):
-        raise ConfigError(None, f"{run_dir} has no committed checkpoint to continue from",
-                          "runs with checkpoint=off cannot be resumed; start a new run")
     spec = load_saved_spec(run_dir / "config.yaml", argv[1:], os.getcwd())
     spec.checkpoint.resume = "auto"
     _log_to_file(run_dir / "trainctl.log")
