@@ -329,3 +329,18 @@ def test_an_exception_mid_run_is_recorded_and_the_last_checkpoint_stays(tmp_path
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stop_reason"] == "failed" and "simulated" in summary["error"]
     assert newest_valid(tmp_path / "run" / "checkpoints").step == 46
+
+
+def test_resume_before_the_first_checkpoint_starts_over_in_place(tmp_path):
+    from trainctl.spec import spec_yaml
+
+    run_dir = tmp_path / "early-kill"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(spec_yaml(compose([*QUIET, "trainer.max_epochs=2"])))
+    (run_dir / "metrics.jsonl").write_text('{"step": 10, "epoch": 0, "train/loss": 2.3}\n')
+    out = trainctl(["resume", str(run_dir)], cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "starting from the beginning" in (run_dir / "trainctl.log").read_text()
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val/acc" in r] == [23, 46]
+    assert [r["step"] for r in records].count(10) == 1, "the killed session's records were replaced"
