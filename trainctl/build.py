@@ -87,6 +87,8 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
     if is_custom(spec.model):
         apply_dropout(model, spec.regularization.dropout)
     model.to(device)
+    precision = build_precision(spec.precision, device)
+    model = precision.convert_model(model)
     optimizer = build_optimizer(spec.optimizer, param_groups(model, spec.regularization))
     per_epoch, total = total_optimizer_steps(spec, len(bundle.train))
     horizon = Horizon(total, per_epoch)
@@ -105,7 +107,7 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
     return Run(
         spec=spec, device=device, data=bundle, model=model, loss=train_loss, optimizer=optimizer,
         scheduler=build_scheduler(spec.scheduler, optimizer, horizon),
-        precision=build_precision(spec.precision, device),
+        precision=precision,
         clipper=GradClipper(model.parameters(), spec.regularization),
         evaluator=Evaluator(info, eval_loss, device), horizon=horizon,
         grad_accum_steps=trainer.grad_accum_steps, eval_every_n_epochs=trainer.eval_every_n_epochs,

@@ -24,6 +24,7 @@ from trainctl.checkpoint import rng_state, set_rng_state
 from trainctl.console import Display
 from trainctl.files import CheckpointError, save_weights, write_json
 from trainctl.metrics import TrainMeter, is_better
+from trainctl.precision import ScaledPrecision
 from trainctl.spec import spec_yaml
 from trainctl.state import RunState
 
@@ -128,6 +129,9 @@ class Runner:
             self.meter.add(window_loss)
             self.meter.step_done(samples, terms, grad_norm)
             self.state.consecutive_skips = 0
+        elif run.precision.overflow:  # the loss scaler skipped an overflowing step: expected, counted
+            self.meter.add(window_loss)
+            self.meter.step_done(samples, terms, None)
         else:
             self.meter.step_done(samples, 0, None)
             self._skipped()
@@ -182,6 +186,9 @@ class Runner:
         values["lr"] = self.lr
         if self.run.skip_nonfinite:
             values["train/skipped_steps"] = self.state.skipped_steps
+        if isinstance(self.run.precision, ScaledPrecision):
+            values["train/amp_skipped_steps"] = self.run.precision.overflow_skips
+            values["train/loss_scale"] = self.run.precision.scaler.get_scale()
         self._record(values)
         if not all(math.isfinite(values.get(k, 0.0)) for k in ("train/loss", "train/grad_norm")):
             self._diverged(f"the training loss or gradient norm became non-finite (train/loss "
@@ -345,7 +352,8 @@ class Runner:
             "wall_seconds": round(wall, 3), "train_seconds": round(self._train_seconds(), 3),
             "eval_seconds": round(self.eval_seconds, 3), "checkpoint_seconds": round(self.checkpoint_seconds, 3),
             "samples_per_second": self.session_samples / session_train,
-            "skipped_steps": state.skipped_steps, "last_checkpoint": self.last_checkpoint,
+            "skipped_steps": state.skipped_steps, "amp_skipped_steps": run.precision.overflow_skips,
+            "last_checkpoint": self.last_checkpoint,
             "run_dir": str(run.run_dir) if run.run_dir else None,
             "trainctl_version": __version__, "torch_version": torch.__version__,
         }
