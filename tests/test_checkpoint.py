@@ -344,3 +344,40 @@ def test_resume_before_the_first_checkpoint_starts_over_in_place(tmp_path):
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val/acc" in r] == [23, 46]
     assert [r["step"] for r in records].count(10) == 1, "the killed session's records were replaced"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("trainer.max_epoch=3", "trainer.max_epoch: no such key. Did you mean 'trainer.max_epochs'?"),
+    ("trainer.max_epochs=abc", "trainer.max_epochs: Value 'abc'"),
+    ("optimizer=sgd", "optimizer: a continued run keeps its optimizer option (adamw)"),
+    ("+trainer.x=1", "use key=value"),
+])
+def test_bad_resume_overrides_name_the_key(tmp_path, override, needle):
+    from trainctl.resume import load_saved_spec
+    from trainctl.spec import spec_yaml
+
+    (tmp_path / "config.yaml").write_text(spec_yaml(compose([])))
+    with pytest.raises(ConfigError) as error:
+        load_saved_spec(tmp_path / "config.yaml", [override], str(tmp_path))
+    assert needle in str(error.value) and error.value.fix
+
+
+def test_records_of_a_killed_session_are_dropped_from_metrics_and_tensorboard(tmp_path):
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["logging.progress=none", "trainer.max_epochs=2", "checkpoint.save_best=false"]
+    from trainctl.job import train
+
+    train(compose(args), tmp_path / "run", str(tmp_path))
+    ckpts = tmp_path / "run" / "checkpoints"
+    shutil.rmtree(ckpts / "step-00000046")  # as if killed after logging step 46 but before its save
+    (ckpts / "last").unlink()
+    train(compose([*args, "checkpoint.resume=auto"]), tmp_path / "run", str(tmp_path))
+    steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in json.loads(l)]
+    assert steps == [10, 20, 30, 40], "each step logged once"
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [10, 20, 30, 40]

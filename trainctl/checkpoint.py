@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from trainctl.errors import ConfigError, check, check_choice
+from trainctl.errors import check, check_choice
 from trainctl.files import (COMMIT_MARKER, CheckpointError, commit_dir, point, safe_torch_load, save_weights,
                             verify_dir, write_json, write_text)
 
@@ -257,8 +257,3 @@ class Checkpointer:
         if state.get("monitor") == self.monitor:  # a changed monitor starts its own record
             self.best, self.best_step = state["best"], state["best_step"]
 
-
-def check_monitor(spec: CheckpointSpec, metrics: tuple, key: str = "checkpoint.monitor") -> None:
-    if spec.monitor != "auto" and spec.monitor not in metrics:
-        raise ConfigError(key, f"'{spec.monitor}' is not reported for this data; choose from {', '.join(metrics)}",
-                          f"set {key}=auto")

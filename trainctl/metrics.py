@@ -127,7 +127,8 @@ class TrainMeter:
         self.since = time.perf_counter()
 
     def add(self, loss_sum: "torch.Tensor") -> None:
-        self.loss_sum += loss_sum.detach()
+        """Add a detached loss sum (no host sync)."""
+        self.loss_sum += loss_sum
 
     def step_done(self, samples: int, terms: int, grad_norm: Optional["torch.Tensor"]) -> None:
         self.samples += samples

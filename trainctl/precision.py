@@ -134,6 +134,8 @@ class ScaledPrecision(AutocastPrecision):
         super().__init__(device, torch.float16, "fp16")
         self.scaler = torch.amp.GradScaler(device.type, init_scale=spec.init_scale,
                                            growth_interval=spec.growth_interval)
+        self.scale = spec.init_scale
+        """The scale after the last update; a lower one after the next update means it skipped."""
 
     def backward(self, loss: "torch.Tensor") -> None:
         self.scaler.scale(loss).backward()
@@ -144,12 +146,13 @@ class ScaledPrecision(AutocastPrecision):
         norm = clip()
         if guard is not None and not guard(norm):
             scaler.update()  # an overflow still lowers the scale
+            self.scale = scaler.get_scale()
             self.overflow = False
             return norm, False
-        scale = scaler.get_scale()
         scaler.step(optimizer)  # skipped when the unscaled gradients hold inf/nan
         scaler.update()
-        self.overflow = scaler.get_scale() < scale
+        scale, self.scale = self.scale, scaler.get_scale()  # one read per step; step() has synced already
+        self.overflow = self.scale < scale
         self.overflow_skips += self.overflow
         return norm, not self.overflow
 
@@ -159,6 +162,7 @@ class ScaledPrecision(AutocastPrecision):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+            self.scale = self.scaler.get_scale()
             self.overflow_skips = state.get("overflow_skips", 0)
 
 

@@ -127,9 +127,9 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
                               f"change fields instead (e.g. {key}.<field>=...) or start a new run")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
-        except (ConfigKeyError, ValidationError, AttributeError) as exc:
-            if isinstance(exc, ValidationError) and "Key" not in type(exc).__name__ and "not in" not in str(exc):
-                raise ConfigError(key, str(exc).splitlines()[0], "see `trainctl show` for the type") from None
+        except ValidationError as exc:
+            raise ConfigError(key, str(exc).splitlines()[0], "see `trainctl show` for the type") from None
+        except ConfigKeyError:
             hits = did_you_mean(key, _keys(cfg))
             hint = f" Did you mean '{hits[0]}'?" if hits else ""
             raise ConfigError(key, f"no such key.{hint}", f"set {hits[0]}=..." if hits else None) from None

@@ -46,7 +46,6 @@ class Runner:
         self.final: Dict[str, float] = {}
         self.eval_seconds = 0.0
         self.checkpoint_seconds = 0.0
-        self.session_seconds = 0.0
         self.session_samples = 0
         self.lr = 0.0
         self.signal: Optional[int] = None
