@@ -19,6 +19,7 @@ from trainctl.callbacks import EarlyStopping
 from trainctl.checkpoint import committed, find_source, newest_valid, read_checkpoint
 from trainctl.errors import ConfigError
 from trainctl.files import COMMIT_MARKER, CheckpointError, commit_dir, safe_torch_load
+from trainctl.metrics import TIMING_KEYS
 from trainctl.state import RunState
 
 QUIET = ["logging.progress=none", "logging.tensorboard=false"]
@@ -306,7 +307,7 @@ def test_an_interruption_when_an_evaluation_is_due_defers_it_to_the_resumed_run(
 
     def records(name: str) -> list:
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(l).items() if k != "train/samples_per_second"} for l in lines]
+        return [{k: v for k, v in json.loads(l).items() if k not in TIMING_KEYS} for l in lines]
     assert records("run") == records("reference")
     a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("run", "reference"))
     assert all(torch.equal(a[k], b[k]) for k in a)

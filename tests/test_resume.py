@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, run_then_signal, trainctl
+from trainctl.metrics import TIMING_KEYS
 
 FAULTS = str(REPO / "tests" / "faults.py")
 COMMON = ["logging.progress=plain", "logging.log_every_n_steps=3", "logging.tensorboard=false"]
@@ -37,7 +38,7 @@ def _weights(run_dir: Path) -> Dict[str, torch.Tensor]:
 def _metrics(run_dir: Path) -> List[dict]:
     """metrics.jsonl without the wall-clock readings (throughput differs between runs)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "train/samples_per_second"} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
 def _assert_same_run(resumed: Path, reference: Path) -> None:

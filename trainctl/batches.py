@@ -70,8 +70,10 @@ class Batches:
     """The batches of one split; iterate an epoch with :meth:`epoch` (optionally from a batch index)."""
 
     def __init__(self, source: Source, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
-                 num_workers: int = 0, device: torch.device = torch.device("cpu")) -> None:
+                 num_workers: int = 0, device: torch.device = torch.device("cpu"),
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
         self.source = source
+        self.memory_format = memory_format
         self.device = device
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -96,6 +98,10 @@ class Batches:
             chunks.pop()
         return chunks[start:]
 
+    def first(self) -> Batch:
+        """A full batch of the first samples (to measure the model on)."""
+        return self.source.take(torch.arange(min(self.batch_size, len(self.source)), device=self.device))
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch``, skipping the first ``start`` by index (nothing is drawn for them)."""
         chunks = self.index_batches(epoch, start)
@@ -104,7 +110,8 @@ class Batches:
         loader = torch.utils.data.DataLoader(
             _SampleView(self.source), batch_sampler=[c.tolist() for c in chunks],
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
-        return ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in loader)
+        return ((x.to(self.device, non_blocking=True, memory_format=self.memory_format),
+                 y.to(self.device, non_blocking=True)) for x, y in loader)
 
 
 class DataBundle:
@@ -114,7 +121,7 @@ class DataBundle:
         self.info, self.train, self.val = info, train, val
 
 
-def _sources(arrays: Arrays, device: torch.device) -> Tuple[Source, Source]:
+def _sources(arrays: Arrays, device: torch.device, memory_format: torch.memory_format) -> Tuple[Source, Source]:
     if arrays.info.task == "lm":
         def windows(tokens: np.ndarray, starts: np.ndarray) -> Source:
             return WindowSource(torch.from_numpy(tokens.copy()).to(device),
@@ -122,17 +129,21 @@ def _sources(arrays: Arrays, device: torch.device) -> Tuple[Source, Source]:
         return windows(arrays.x_train, arrays.starts_train), windows(arrays.x_val, arrays.starts_val)
 
     def tensors(x: np.ndarray, y: np.ndarray) -> Source:
-        return TensorSource(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+        # Indexing keeps the memory format, so channels-last batches cost nothing per step.
+        return TensorSource(torch.from_numpy(x).to(device).contiguous(memory_format=memory_format),
+                            torch.from_numpy(y).to(device))
     return tensors(arrays.x_train, arrays.y_train), tensors(arrays.x_val, arrays.y_val)
 
 
-def build_batches(spec: DataSpec, arrays: Arrays, device: torch.device) -> DataBundle:
+def build_batches(spec: DataSpec, arrays: Arrays, device: torch.device, channels_last: bool = False) -> DataBundle:
     """In-memory datasets live on ``device``; with workers they stay on the CPU and batches move."""
     where = device if spec.num_workers == 0 else torch.device("cpu")
-    train_src, val_src = _sources(arrays, where)
-    train = Batches(train_src, spec.batch_size, spec.shuffle, spec.drop_last, spec.seed, spec.num_workers, device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    train_src, val_src = _sources(arrays, where, memory_format)
+    train = Batches(train_src, spec.batch_size, spec.shuffle, spec.drop_last, spec.seed, spec.num_workers, device,
+                    memory_format)
     val = Batches(val_src, spec.eval_batch_size or spec.batch_size, False, False, spec.seed, spec.num_workers,
-                  device)
+                  device, memory_format)
     return DataBundle(arrays.info, train, val)
 
 

@@ -21,6 +21,14 @@ from trainctl.loss import SumLoss, build_loss, out_features, resolve_loss
 from trainctl.metrics import Evaluator, MetricsWriter
 from trainctl.model import apply_dropout, build_model, is_custom, model_name, with_dropout
 from trainctl.optim import build_optimizer, has_train_eval_modes
+from trainctl.performance import (
+    CompileClock,
+    apply_activation_checkpointing,
+    apply_channels_last,
+    compile_model,
+    flops_per_sample,
+    peak_tflops,
+)
 from trainctl.precision import Precision, build_precision
 from trainctl.regularization import GradClipper, param_groups
 from trainctl.schedule import Horizon, Schedule, build_scheduler
@@ -56,6 +64,11 @@ class Run:
     checkpointer: Optional[Checkpointer] = None
     run_dir: Optional[Path] = None
     writer: Optional[MetricsWriter] = None
+    checkpointed_modules: int = 0
+    """Modules whose activations are recomputed in backward."""
+    compile_clock: Optional[CompileClock] = None
+    flops_per_sample: Optional[float] = None
+    peak_tflops: Optional[float] = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,20 +92,24 @@ def seed_everything(seed: int) -> None:
 
 def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = ".") -> Run:
     device = resolve_device(spec.trainer.device)
-    bundle = build_batches(spec.data, data_mod.load(spec.data), device)
+    perf = spec.performance
+    bundle = build_batches(spec.data, data_mod.load(spec.data), device, perf.channels_last)
     info = bundle.info
-    seed_everything(spec.trainer.seed)
-    model = build_model(with_dropout(spec.model, spec.regularization.dropout), info,
-                        out_features(spec.loss, info), base_dir, spec.allowed_target_prefixes)
-    if is_custom(spec.model):
-        apply_dropout(model, spec.regularization.dropout)
-    model.to(device)
     precision = build_precision(spec.precision, device)
-    model = precision.convert_model(model)
+    model = _build_model(spec, info, device, precision, base_dir)
     optimizer = build_optimizer(spec.optimizer, param_groups(model, spec.regularization))
     per_epoch, total = total_optimizer_steps(spec, len(bundle.train))
     horizon = Horizon(total, per_epoch)
     train_loss, eval_loss = build_loss(spec.loss, info, spec.regularization.label_smoothing)
+    peak = peak_tflops(device, perf)
+    # Model FLOPs are counted before activation checkpointing adds its recomputation.
+    flops = flops_per_sample(model, train_loss, bundle.train.first()) if peak else None
+    # After the optimizer, so parameter names (weight decay, lr_multipliers) carry no wrapper prefix.
+    wrapped = apply_activation_checkpointing(model, perf, builtin=not is_custom(spec.model))
+    clock = None
+    if perf.compile:
+        clock = CompileClock().start()
+        compile_model(model, perf)
     trainer = spec.trainer
     task = info.task
     callbacks: List[Callback] = []
@@ -115,7 +132,23 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
         monitor=spec.monitor(info.task), mode=spec.monitor_mode(info.task),
         optimizer_has_modes=has_train_eval_modes(spec.optimizer),
         skip_nonfinite=trainer.on_nonfinite == "skip", max_consecutive_skips=trainer.max_consecutive_skips,
-        callbacks=callbacks, checkpointer=checkpointer, run_dir=run_dir)
+        callbacks=callbacks, checkpointer=checkpointer, run_dir=run_dir, checkpointed_modules=wrapped,
+        compile_clock=clock, flops_per_sample=flops, peak_tflops=peak)
+
+
+def _build_model(spec: RunSpec, info: data_mod.DataInfo, device: torch.device, precision: Precision,
+                 base_dir: str) -> torch.nn.Module:
+    """The network, initialised from the run's seed, on its device, in its precision and memory format."""
+    seed_everything(spec.trainer.seed)
+    model = build_model(with_dropout(spec.model, spec.regularization.dropout), info,
+                        out_features(spec.loss, info), base_dir, spec.allowed_target_prefixes)
+    if is_custom(spec.model):
+        apply_dropout(model, spec.regularization.dropout)
+    model.to(device)
+    model = precision.convert_model(model)
+    if spec.performance.channels_last:
+        apply_channels_last(model)
+    return model
 
 
 def plan(run: Run) -> Dict[str, Any]:
@@ -141,6 +174,7 @@ def plan(run: Run) -> Dict[str, Any]:
         "total optimizer steps": run.horizon.total_steps,
         "device": str(run.device),
         "precision": run.precision.name,
+        "performance": _performance_plan(run),
         "checkpoints": _checkpoint_plan(spec),
         "early stopping": (f"patience {spec.early_stopping.patience} on "
                            f"{spec.monitor(info.task, spec.early_stopping)}" if spec.early_stopping.enabled else "off"),
@@ -157,3 +191,13 @@ def _checkpoint_plan(spec: RunSpec) -> str:
     parts += ["best"] if ckpt.save_best else []
     keep = f"keep {ckpt.keep_last_k}" if ckpt.keep_last_k else "keep all"
     return ", ".join(parts) + f" ({keep})"
+
+
+def _performance_plan(run: Run) -> str:
+    perf = run.spec.performance
+    parts = [f"torch.compile ({perf.compile_mode})"] if perf.compile else []
+    if run.checkpointed_modules:
+        parts.append(f"activation checkpointing of {run.checkpointed_modules} modules")
+    parts += ["channels_last"] if perf.channels_last else []
+    parts += [f"MFU against {run.peak_tflops:g} TFLOP/s"] if run.peak_tflops else []
+    return ", ".join(parts) or "eager"

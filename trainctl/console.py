@@ -27,6 +27,33 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _speed(latest: Dict[str, float]) -> str:
+    """The throughput readings of the progress line: samples (or tokens)/s, step time, data wait, memory, MFU."""
+    if "train/samples_per_second" not in latest:
+        return ""
+    text = (f"  {latest['train/tokens_per_second']:,.0f} tokens/s" if "train/tokens_per_second" in latest
+            else f"  {latest['train/samples_per_second']:,.0f} samples/s")
+    text += f"  {latest['train/step_seconds'] * 1e3:.1f} ms/step  data {latest['train/data_wait']:.0%}"
+    if "train/peak_memory_mib" in latest:
+        text += f"  mem {latest['train/peak_memory_mib']:,.0f} MiB"
+    if "train/mfu" in latest:
+        text += f"  MFU {latest['train/mfu']:.1%}"
+    return text
+
+
+def _throughput_row(summary: Dict[str, Any]) -> str:
+    parts = [f"{summary['samples_per_second']:,.0f} samples/s"]
+    if summary.get("tokens_per_second") is not None:
+        parts.append(f"{summary['tokens_per_second']:,.0f} tokens/s")
+    if summary.get("step_seconds") is not None:
+        parts.append(f"{summary['step_seconds'] * 1e3:.1f} ms/step")
+    if summary.get("data_wait_share") is not None:
+        parts.append(f"data wait {summary['data_wait_share']:.0%}")
+    if summary.get("mfu") is not None:
+        parts.append(f"MFU {summary['mfu']:.1%}")
+    return ", ".join(parts)
+
+
 class _TwoLineProgress(Progress):
     """The bar on one line, the latest readings on the next, so neither is squeezed."""
 
@@ -98,8 +125,7 @@ class Display:
         self.latest.update(values)
         shown = {k: v for k, v in self.latest.items() if k in ("train/loss", "lr") or k.startswith("val/")}
         text = "  ".join(f"{k} {_fmt(v)}" for k, v in shown.items())
-        if "train/samples_per_second" in self.latest:
-            text += f"  {self.latest['train/samples_per_second']:,.0f} samples/s"
+        text += _speed(self.latest)
         if self._bar is not None:
             self._bar.info = text
         now = time.monotonic()
@@ -126,7 +152,11 @@ class Display:
         rows += [(k, _fmt(v)) for k, v in summary["final"].items()]
         rows += [("steps", f"{summary['steps']} ({summary['epochs_completed']} epochs)"),
                  ("wall time", f"{summary['wall_seconds']:.1f} s"),
-                 ("throughput", f"{summary['samples_per_second']:,.0f} samples/s")]
+                 ("throughput", _throughput_row(summary))]
+        if summary.get("peak_memory_mib") is not None:
+            rows.append(("peak memory", f"{summary['peak_memory_mib']:,.0f} MiB"))
+        if summary.get("compile_seconds") is not None:
+            rows.append(("compile time", f"{summary['compile_seconds']:.1f} s (not in the throughput)"))
         if summary.get("skipped_steps"):
             rows.append(("skipped steps", summary["skipped_steps"]))
         if summary.get("last_checkpoint"):

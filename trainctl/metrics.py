@@ -11,7 +11,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterable, Iterator, Optional, Tuple
 
 if TYPE_CHECKING:
     import torch
@@ -109,20 +109,39 @@ class Evaluator:
         return {k: float(v.mean()) for k, v in results.items()}
 
 
+TIMING_KEYS = ("train/samples_per_second", "train/tokens_per_second", "train/step_seconds", "train/data_wait",
+               "train/peak_memory_mib", "train/tflops", "train/mfu")
+"""Readings that measure the machine rather than the math (they differ between identical runs)."""
+
+
 class TrainMeter:
     """Running training loss, gradient norm and throughput between two log readings, accumulated on the
     device. A non-finite value anywhere in the interval makes the sums non-finite, so one check at
-    reading (or checkpoint) time covers every step since the last one."""
+    reading (or checkpoint) time covers every step since the last one.
 
-    def __init__(self, every_n_steps: int, device: "torch.device") -> None:
+    Throughput readings: samples/s (tokens/s with ``tokens``), seconds per optimizer step, the share of
+    time spent waiting for batches, peak memory from ``memory``, and with ``flops_per_sample`` the
+    achieved TFLOP/s (and MFU against ``peak_tflops``).
+    """
+
+    def __init__(self, every_n_steps: int, device: "torch.device", tokens: bool = False,
+                 memory: Optional[Callable[[], Optional[float]]] = None,
+                 flops_per_sample: Optional[float] = None, peak_tflops: Optional[float] = None) -> None:
         import torch
 
         self.every = every_n_steps
+        self.tokens = tokens
+        self.memory = memory
+        self.flops_per_sample = flops_per_sample
+        self.peak_tflops = peak_tflops
         self.loss_sum = torch.zeros((), device=device)
         self.norm_sum = torch.zeros((), device=device)
         self.terms = 0
         self.samples = 0
         self.norms = 0
+        self.steps = 0
+        self.data_seconds = 0.0
+        self.session_data_seconds = 0.0
         self.excluded = 0.0
         self.since = time.perf_counter()
 
@@ -133,12 +152,27 @@ class TrainMeter:
     def step_done(self, samples: int, terms: int, grad_norm: Optional["torch.Tensor"]) -> None:
         self.samples += samples
         self.terms += terms
+        self.steps += 1
         if grad_norm is not None:
             self.norm_sum += grad_norm.detach()
             self.norms += 1
 
+    def timed(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """``batches``, adding the time spent waiting for each one to the data-wait reading."""
+        iterator = iter(batches)
+        while True:
+            tic = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            waited = time.perf_counter() - tic
+            self.data_seconds += waited
+            self.session_data_seconds += waited
+            yield batch
+
     def exclude(self, seconds: float) -> None:
-        """Time spent outside training (evaluation, checkpoints) that throughput should not count."""
+        """Time spent outside training (evaluation, checkpoints, compilation) that throughput should not count."""
         self.excluded += seconds
 
     def should_log(self, step: int) -> bool:
@@ -152,17 +186,33 @@ class TrainMeter:
 
     def read(self) -> Dict[str, float]:
         """The readings since the last call (one host sync), then start over."""
+        values = {"train/loss": float(self.loss_sum) / max(1, self.terms)}  # waits for the device first
         now = time.perf_counter()
         seconds = max(1e-9, now - self.since - self.excluded)
-        values = {"train/loss": float(self.loss_sum) / max(1, self.terms),
-                  "train/samples_per_second": self.samples / seconds}
         if self.norms:
             values["train/grad_norm"] = float(self.norm_sum) / self.norms
+        values.update(self.throughput(seconds))
         self.loss_sum.zero_()
         self.norm_sum.zero_()
-        self.terms = self.samples = self.norms = 0
-        self.excluded = 0.0
+        self.terms = self.samples = self.norms = self.steps = 0
+        self.excluded = self.data_seconds = 0.0
         self.since = now
+        return values
+
+    def throughput(self, seconds: float) -> Dict[str, float]:
+        values = {"train/samples_per_second": self.samples / seconds}
+        if self.tokens:
+            values["train/tokens_per_second"] = self.terms / seconds
+        values["train/step_seconds"] = seconds / max(1, self.steps)
+        values["train/data_wait"] = min(1.0, self.data_seconds / seconds)
+        memory = self.memory() if self.memory else None
+        if memory is not None:
+            values["train/peak_memory_mib"] = memory
+        if self.flops_per_sample:
+            tflops = self.flops_per_sample * values["train/samples_per_second"] / 1e12
+            values["train/tflops"] = tflops
+            if self.peak_tflops:
+                values["train/mfu"] = tflops / self.peak_tflops
         return values
 
     def state_dict(self) -> Dict[str, Any]:

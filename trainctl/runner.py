@@ -24,6 +24,7 @@ from trainctl.checkpoint import rng_state, set_rng_state
 from trainctl.console import Display
 from trainctl.files import CheckpointError, save_weights, write_json
 from trainctl.metrics import TrainMeter, is_better
+from trainctl.performance import peak_memory_mib, seconds_since_process_start
 from trainctl.precision import ScaledPrecision
 from trainctl.spec import spec_yaml
 from trainctl.state import RunState
@@ -42,11 +43,18 @@ class Runner:
         self.state = state or RunState()
         self.display = display or Display("none", run.horizon.total_steps, run.horizon.total_epochs,
                                           attach_log=False)
-        self.meter = TrainMeter(run.log_every_n_steps, run.device)
+        self.meter = TrainMeter(run.log_every_n_steps, run.device, tokens=run.data.info.task == "lm",
+                                memory=lambda: peak_memory_mib(run.device), flops_per_sample=run.flops_per_sample,
+                                peak_tflops=run.peak_tflops)
         self.final: Dict[str, float] = {}
         self.eval_seconds = 0.0
         self.checkpoint_seconds = 0.0
         self.session_samples = 0
+        self.session_steps = 0
+        self.compile_train_seconds = 0.0
+        """Compilation outside evaluation (kept out of training time and throughput)."""
+        self.first_step_seconds: Optional[float] = None
+        """Seconds from process start to the end of this session's first optimizer step."""
         self.lr = 0.0
         self.signal: Optional[int] = None
         self.last_checkpoint: Optional[str] = None
@@ -62,7 +70,7 @@ class Runner:
         run, state = self.run, self.state
         self._started = time.perf_counter()
         self._train_seconds_before = state.train_seconds
-        samples_before = state.samples_seen
+        samples_before, steps_before = state.samples_seen, state.step
         run.model.train()
         self._optimizer_mode("train")
         self.display.start(state.epoch, state.step)
@@ -77,17 +85,17 @@ class Runner:
         except BaseException as exc:
             state.request_stop("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
             self.display.stop()
-            self.session_samples = state.samples_seen - samples_before
+            self.session_samples, self.session_steps = state.samples_seen - samples_before, state.step - steps_before
             self._finish(error=exc)
             raise
         self.display.stop()
         state.request_stop("completed")
-        self.session_samples = state.samples_seen - samples_before
+        self.session_samples, self.session_steps = state.samples_seen - samples_before, state.step - steps_before
         return self._finish()
 
     def _train_epoch(self) -> None:
         run, state = self.run, self.state
-        batches = run.data.train.epoch(state.epoch, start=state.batch_in_epoch)
+        batches = self.meter.timed(run.data.train.epoch(state.epoch, start=state.batch_in_epoch))
         for window in windows_of(batches, run.grad_accum_steps):
             self.train_step(window)
             state.batch_in_epoch += len(window)
@@ -160,6 +168,8 @@ class Runner:
             state.epoch += 1
             state.batch_in_epoch = 0
         last = state.step >= run.horizon.total_steps
+        if self.first_step_seconds is None:
+            self.first_step_seconds = seconds_since_process_start()
         self.display.step(state.step, state.epoch)
         if self.meter.should_log(state.step):
             self._log_training()
@@ -181,6 +191,7 @@ class Runner:
                     or (last and self._evaluates()))
 
     def _log_training(self) -> None:
+        self._exclude_compile_time()
         values = self.meter.read()
         values["lr"] = self.lr
         if self.run.skip_nonfinite:
@@ -208,6 +219,7 @@ class Runner:
 
     def evaluate(self) -> Dict[str, float]:
         run, state = self.run, self.state
+        self._exclude_compile_time()
         tic = time.perf_counter()
         self._optimizer_mode("eval")
         metrics = run.evaluator(run.model, run.data.val, run.precision.autocast)
@@ -225,7 +237,15 @@ class Runner:
         seconds = time.perf_counter() - tic
         self.eval_seconds += seconds
         self.meter.exclude(seconds)
+        if run.compile_clock is not None:
+            run.compile_clock.take()  # compiling the eval graph is already part of eval_seconds
         return metrics
+
+    def _exclude_compile_time(self) -> None:
+        if self.run.compile_clock is not None:
+            seconds = self.run.compile_clock.take()
+            self.compile_train_seconds += seconds
+            self.meter.exclude(seconds)
 
     def _optimizer_mode(self, mode: str) -> None:
         if self.run.optimizer_has_modes:
@@ -334,7 +354,9 @@ class Runner:
                 signal.signal(sig, old)
 
     def _train_seconds(self) -> float:
-        session = time.perf_counter() - self._started - self.eval_seconds - self.checkpoint_seconds
+        self._exclude_compile_time()
+        session = (time.perf_counter() - self._started - self.eval_seconds - self.checkpoint_seconds
+                   - self.compile_train_seconds)
         return self._train_seconds_before + max(0.0, session)
 
     def summary(self, error: Optional[BaseException] = None) -> Dict[str, Any]:
@@ -351,6 +373,7 @@ class Runner:
             "wall_seconds": round(wall, 3), "train_seconds": round(self._train_seconds(), 3),
             "eval_seconds": round(self.eval_seconds, 3), "checkpoint_seconds": round(self.checkpoint_seconds, 3),
             "samples_per_second": self.session_samples / session_train,
+            **self._throughput(session_train),
             "skipped_steps": state.skipped_steps, "amp_skipped_steps": run.precision.overflow_skips,
             "last_checkpoint": self.last_checkpoint,
             "run_dir": str(run.run_dir) if run.run_dir else None,
@@ -363,6 +386,26 @@ class Runner:
         if error is not None and not isinstance(error, KeyboardInterrupt):
             summary["error"] = f"{type(error).__name__}: {error}"
         return summary
+
+    def _throughput(self, seconds: float) -> Dict[str, Any]:
+        """This session's speed and memory figures for the summary."""
+        run = self.run
+        values: Dict[str, Any] = {"step_seconds": seconds / max(1, self.session_steps),
+                                  "data_wait_share": min(1.0, self.meter.session_data_seconds / seconds)}
+        if run.data.info.task == "lm":  # every sample is one window of seq_len tokens
+            values["tokens_per_second"] = self.session_samples * run.data.info.input_shape[0] / seconds
+        memory = peak_memory_mib(run.device)
+        if memory is not None:
+            values["peak_memory_mib"] = memory
+        if run.flops_per_sample:
+            values["tflops"] = run.flops_per_sample * self.session_samples / seconds / 1e12
+            if run.peak_tflops:
+                values["mfu"] = values["tflops"] / run.peak_tflops
+        if run.compile_clock is not None:
+            values["compile_seconds"] = round(run.compile_clock.seconds, 3)
+        values["time_to_first_step_seconds"] = self.first_step_seconds
+        values["activation_checkpointed_modules"] = run.checkpointed_modules
+        return values
 
     def _finish(self, error: Optional[BaseException] = None) -> Dict[str, Any]:
         run, state = self.run, self.state
@@ -377,6 +420,8 @@ class Runner:
             except OSError as exc:
                 log.error("could not write %s: %s", run.run_dir / "model.safetensors", exc.strerror or exc)
         summary = self.summary(error)
+        if run.compile_clock is not None:
+            run.compile_clock.close()
         if run.run_dir is not None:
             try:
                 write_json(run.run_dir / "summary.json", summary)

@@ -27,6 +27,7 @@ from trainctl.loss import LOSSES, LossSpec, loss_problem
 from trainctl.metrics import MODE_OF, VAL_METRICS, default_monitor
 from trainctl.model import MODELS, is_custom, task_compatible, validate_model
 from trainctl.optim import OPTIMIZERS, OptimizerSpec
+from trainctl.performance import PerformanceSpec
 from trainctl.precision import PRECISIONS, PrecisionSpec
 from trainctl.regularization import RegularizationSpec
 from trainctl.schedule import SCHEDULERS, SchedulerSpec
@@ -110,6 +111,7 @@ class RunSpec:
     scheduler: SchedulerSpec = MISSING
     regularization: RegularizationSpec = field(default_factory=RegularizationSpec)
     precision: PrecisionSpec = MISSING
+    performance: PerformanceSpec = field(default_factory=PerformanceSpec)
     loss: LossSpec = MISSING
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
@@ -130,8 +132,8 @@ class RunSpec:
         if not is_custom(self.model):
             _check_option("model", self.model, MODELS)
         validate_model(self.model, self.allowed_target_prefixes)
-        for key in ("data", "optimizer", "scheduler", "regularization", "precision", "loss", "trainer", "logging",
-                    "checkpoint", "early_stopping"):
+        for key in ("data", "optimizer", "scheduler", "regularization", "precision", "performance", "loss", "trainer",
+                    "logging", "checkpoint", "early_stopping"):
             getattr(self, key).validate(key)
         self._validate_across_groups()
 
@@ -141,6 +143,9 @@ class RunSpec:
         if problem:
             fits = [n for n, e in MODELS.items() if task in e.tasks and (e.input_rank in (None, input_rank))]
             raise ConfigError("model", f"{problem} (data={self.data.name})", f"set model={' or model='.join(fits)}")
+        check(not self.performance.channels_last or input_rank == 3, "performance.channels_last",
+              f"channels_last is a memory format for image batches (C, H, W), and data={self.data.name} has none",
+              "set performance.channels_last=false")
         error = loss_problem(self.loss, task, self.regularization.label_smoothing)
         if error:
             raise error
