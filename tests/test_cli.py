@@ -40,6 +40,10 @@ def test_default_run_trains_digits_to_96_percent(tmp_path):
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "trainctl.log", "model.safetensors"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    # Hydra's own record of the job, as `hydra.main` writes it
+    hydra_dir = run_dir / ".hydra"
+    assert (hydra_dir / "config.yaml").is_file() and "name: trainctl" in (hydra_dir / "hydra.yaml").read_text()
+    assert f"hydra.run.dir={run_dir}" in (hydra_dir / "overrides.yaml").read_text()
     records = _metrics(run_dir)
     train = [r for r in records if "train/loss" in r]
     val = [r for r in records if "val/acc" in r]
@@ -91,6 +95,10 @@ def test_user_tsv_regression_end_to_end(tmp_path, tsv_regression):
     (["checkpoint.resume=no/such/run"], "checkpoint.resume"),
     (["early_stopping.patience=0"], "early_stopping.patience: must be >= 1"),
     (["checkpoint.every_n_step=5"], "Did you mean 'checkpoint.every_n_steps'"),
+    (["+trainer.fast=true"], "trainer.fast: no such key"),
+    (["model=custom", "model._target_=torch.nn.Flatten"], "has no trainable parameters"),
+    (["performance.activation_checkpointing=modules", "performance.checkpoint_modules=[nothing*]"],
+     "performance.checkpoint_modules"),
 ])
 def test_config_errors_exit_2_without_traceback_or_run_dir(tmp_path, args, needle):
     out = trainctl(["run", *args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],

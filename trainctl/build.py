@@ -144,6 +144,9 @@ def _build_model(spec: RunSpec, info: data_mod.DataInfo, device: torch.device, p
                         out_features(spec.loss, info), base_dir, spec.allowed_target_prefixes)
     if is_custom(spec.model):
         apply_dropout(model, spec.regularization.dropout)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("model", f"{model_name(spec.model)} has no trainable parameters",
+                          "check the model's _target_ and its arguments")
     model.to(device)
     model = precision.convert_model(model)
     if spec.performance.channels_last:

@@ -51,6 +51,9 @@ def cmd_run(argv: Sequence[str]) -> None:
     args = config.hydra_args(argv)
     if not (args.help or args.hydra_help or args.info or args.shell_completion or args.config_dir
             or args.config_path or args.experimental_rerun):
+        if not (args.multirun or args.cfg or args.run):
+            config.run_single(args.overrides, os.getcwd(), args.config_name or config.CONFIG_NAME)
+            return
         config.preflight(args.overrides, args.multirun, os.getcwd(), args.config_name or config.CONFIG_NAME)
     config.run_hydra(argv)
 
