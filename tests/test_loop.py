@@ -100,15 +100,23 @@ def test_seeded_runs_are_reproducible_and_seeds_matter():
     assert not all(torch.equal(first[k], third[k]) for k in first)
 
 
-def test_fast_path_yields_exactly_the_dataloader_batches():
-    fast = build(["data.num_workers=0", "data.batch_size=50"]).data.train
-    workers = build(["data.num_workers=2", "data.batch_size=50"]).data.train
-    for epoch in (0, 3):
-        a, b = list(fast.epoch(epoch)), list(workers.epoch(epoch))
-        assert len(a) == len(b) == 29
-        for (xa, ya), (xb, yb) in zip(a, b):
-            assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    assert not torch.equal(list(fast.epoch(0))[0][1], list(fast.epoch(1))[0][1]), "each epoch reshuffles"
+@pytest.mark.parametrize("data", ["digits", "synthetic", "text", "csv"])
+def test_fast_path_yields_exactly_the_dataloader_batches(data, text_file, csv_classification):
+    """Whole-batch slicing of in-memory tensors (num_workers=0) against a DataLoader fetching and
+    collating sample by sample in a worker process, for the same seed."""
+    args = {"digits": [], "synthetic": ["data=synthetic"],
+            "text": ["data=text", f"data.path={text_file}", "model=gpt", "data.seq_len=16"],
+            "csv": ["data=csv", f"data.path={csv_classification}", "data.target=label"]}[data]
+    fast = build([*args, "data.num_workers=0", "data.batch_size=50"]).data
+    workers = build([*args, "data.num_workers=1", "data.batch_size=50"]).data
+    for split, epochs in ((fast.train, workers.train), (0, 3)), ((fast.val, workers.val), (0,)):
+        for epoch in epochs:
+            a, b = list(split[0].epoch(epoch)), list(split[1].epoch(epoch))
+            assert len(a) == len(b) == len(split[0]) > 1
+            for (xa, ya), (xb, yb) in zip(a, b):
+                assert xa.dtype == xb.dtype and ya.dtype == yb.dtype
+                assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(list(fast.train.epoch(0))[0][1], list(fast.train.epoch(1))[0][1]), "each epoch reshuffles"
 
 
 def test_starting_mid_epoch_skips_by_index():
