@@ -3,6 +3,7 @@ train, summarise."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -54,6 +55,9 @@ def train(spec: RunSpec, run_dir: Path, base_dir: str) -> Dict[str, Any]:
     for key, value in plan(run).items():
         log.info("  %-26s %s", key, f"{value:,}" if isinstance(value, int) else value)
     write_json(run_dir / "summary.json", {**runner.summary(), "status": "running", "stop_reason": None})
+    if not gc.isenabled():  # switched off for the start-up of a single run (cli.py)
+        gc.freeze()  # later collections skip what start-up built (its few cyclic leftovers stay)
+        gc.enable()
     summary = runner.fit()
     display.summary(summary)
     log.info("summary: %s", {k: summary[k] for k in ("stop_reason", "best_metric", "steps", "wall_seconds")})
