@@ -43,7 +43,8 @@ def test_default_run_trains_digits_to_96_percent(tmp_path):
     # Hydra's own record of the job, as `hydra.main` writes it
     hydra_dir = run_dir / ".hydra"
     assert (hydra_dir / "config.yaml").is_file() and "name: trainctl" in (hydra_dir / "hydra.yaml").read_text()
-    assert f"hydra.run.dir={run_dir}" in (hydra_dir / "overrides.yaml").read_text()
+    assert f"hydra.run.dir={run_dir}" in (hydra_dir / "hydra.yaml").read_text()
+    assert (hydra_dir / "overrides.yaml").read_text().strip() == "[]", "the task itself had no overrides"
     records = _metrics(run_dir)
     train = [r for r in records if "train/loss" in r]
     val = [r for r in records if "val/acc" in r]

@@ -121,10 +121,11 @@ def test_compile_gives_the_losses_of_eager_with_accumulation_clipping_and_checkp
     assert a.keys() == b.keys()
     assert (tmp_path / "compiled" / "checkpoints" / "last").exists()
     # compilation is reported on its own and kept out of the throughput
-    assert compiled["compile_seconds"] > 1.0 and "compile_seconds" not in eager
-    assert compiled["train_seconds"] < compiled["wall_seconds"] - compiled["compile_seconds"] + 0.5
-    samples = compiled["samples_seen"]
-    assert compiled["samples_per_second"] > 2 * samples / compiled["wall_seconds"]
+    assert compiled["compile_seconds"] > 0 and "compile_seconds" not in eager
+    accounted = sum(compiled[k] for k in ("train_seconds", "compile_seconds", "eval_seconds", "checkpoint_seconds"))
+    assert accounted <= compiled["wall_seconds"] + 0.05, "compile time counted twice (also in train_seconds)"
+    assert compiled["samples_per_second"] == pytest.approx(compiled["samples_seen"] / compiled["train_seconds"],
+                                                           rel=0.01)
 
 
 def test_channels_last_keeps_the_math_and_its_memory_format(tmp_path):
@@ -171,7 +172,7 @@ def test_throughput_readings_reach_metrics_and_summary(tmp_path, text_file):
         assert r["train/mfu"] == pytest.approx(r["train/tflops"] / 0.5, rel=1e-9) and 0 < r["train/mfu"] < 1
     assert summary["tokens_per_second"] == pytest.approx(summary["samples_per_second"] * 32, rel=1e-6)
     assert summary["mfu"] == pytest.approx(summary["tflops"] / 0.5) and summary["peak_memory_mib"] > 50
-    assert 0 < summary["time_to_first_step_seconds"] < 120 and 0 <= summary["data_wait_share"] <= 1
+    assert summary["time_to_first_step_seconds"] > 0 and 0 <= summary["data_wait_share"] <= 1
     assert summary["step_seconds"] == pytest.approx(summary["train_seconds"] / 6, rel=0.01)
 
 

@@ -51,8 +51,8 @@ class Runner:
         self.checkpoint_seconds = 0.0
         self.session_samples = 0
         self.session_steps = 0
-        self.compile_train_seconds = 0.0
-        """Compilation outside evaluation (kept out of training time and throughput)."""
+        self.compile_seconds = 0.0
+        """This session's compile seconds (kept out of training time, evaluation time and throughput)."""
         self.first_step_seconds: Optional[float] = None
         """Seconds from process start to the end of this session's first optimizer step."""
         self.lr = 0.0
@@ -235,16 +235,18 @@ class Runner:
             callback.on_eval(state, metrics, run.model)
         self._record(metrics)
         seconds = time.perf_counter() - tic
-        self.eval_seconds += seconds
         self.meter.exclude(seconds)
-        if run.compile_clock is not None:
-            run.compile_clock.take()  # compiling the eval graph is already part of eval_seconds
+        if run.compile_clock is not None:  # compiling the eval graph counts as compile time, not eval time
+            compiled = run.compile_clock.take()
+            self.compile_seconds += compiled
+            seconds -= compiled
+        self.eval_seconds += seconds
         return metrics
 
     def _exclude_compile_time(self) -> None:
         if self.run.compile_clock is not None:
             seconds = self.run.compile_clock.take()
-            self.compile_train_seconds += seconds
+            self.compile_seconds += seconds
             self.meter.exclude(seconds)
 
     def _optimizer_mode(self, mode: str) -> None:
@@ -356,7 +358,7 @@ class Runner:
     def _train_seconds(self) -> float:
         self._exclude_compile_time()
         session = (time.perf_counter() - self._started - self.eval_seconds - self.checkpoint_seconds
-                   - self.compile_train_seconds)
+                   - self.compile_seconds)
         return self._train_seconds_before + max(0.0, session)
 
     def summary(self, error: Optional[BaseException] = None) -> Dict[str, Any]:
