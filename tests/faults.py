@@ -3,6 +3,8 @@
     python tests/faults.py kill-after-step K  -- run ARGS...   # SIGKILL itself right after optimizer step K
     python tests/faults.py stall-save N FLAG  -- run ARGS...   # the N-th state.pt write stops half-way,
                                                                # touches FLAG and hangs (the test kills it)
+    torchrun ... tests/faults.py raise-once K RANK FLAG -- run ARGS...
+                                  # rank RANK raises after optimizer step K unless FLAG exists (it creates it)
 """
 
 from __future__ import annotations
@@ -52,6 +54,20 @@ def stall_save(nth: int, flag: str) -> None:
     torch.save = save
 
 
+def raise_once(step: int, rank: int, flag: str) -> None:
+    from trainctl.runner import Runner
+
+    original = Runner.train_step
+
+    def train_step(self, window):
+        original(self, window)
+        if self.state.step == step and int(os.environ.get("RANK", "0")) == rank and not os.path.exists(flag):
+            open(flag, "w").close()
+            raise RuntimeError(f"simulated failure of rank {rank} after step {step}")
+
+    Runner.train_step = train_step
+
+
 def main() -> None:
     args = sys.argv[1:]
     split = args.index("--")
@@ -60,6 +76,8 @@ def main() -> None:
         kill_after_step(int(params[0]))
     elif fault == "stall-save":
         stall_save(int(params[0]), params[1])
+    elif fault == "raise-once":
+        raise_once(int(params[0]), int(params[1]), params[2])
     else:
         raise SystemExit(f"unknown fault {fault}")
     from trainctl.cli import main as cli_main

@@ -49,7 +49,7 @@ def _needs(group: str, option: str, tmp: Path, text: Path, csv: Path) -> list[st
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in
                                           ["model", "data", "optimizer", "scheduler", "regularization",
-                                           "precision", "performance", "loss", "trainer", "logging"]
+                                           "precision", "performance", "parallelism", "loss", "trainer", "logging"]
                                           for o in _options(g)])
 def test_every_option_composes_and_validates(group, option, tmp_path, text_file, csv_classification):
     spec = compose([f"{group}={option}", *_needs(group, option, tmp_path, text_file, csv_classification)])

@@ -71,8 +71,10 @@ class Batches:
 
     def __init__(self, source: Source, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
                  num_workers: int = 0, device: torch.device = torch.device("cpu"),
-                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+                 memory_format: torch.memory_format = torch.contiguous_format, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.source = source
+        self.rank, self.world_size = rank, world_size
         self.memory_format = memory_format
         self.device = device
         self.batch_size = batch_size
@@ -82,6 +84,8 @@ class Batches:
         self.num_workers = num_workers
 
     def __len__(self) -> int:
+        if self.world_size > 1:
+            return len(self._chunks(0))
         n = len(self.source)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
@@ -92,11 +96,23 @@ class Batches:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(n, generator=generator)
 
+    def _chunks(self, epoch: int) -> List[torch.Tensor]:
+        if self.world_size > 1 and not self.shuffle:  # evaluation: a contiguous share per rank, nothing dropped
+            return list(self.order(epoch).tensor_split(self.world_size)[self.rank].split(self.batch_size))
+        world, size = self.world_size, self.batch_size * self.world_size
+        chunks = list(self.order(epoch).split(size))
+        if chunks and len(chunks[-1]) < size:
+            if self.drop_last or len(chunks[-1]) < world:
+                chunks.pop()
+            else:  # every rank gets the same number of samples, so DDP's mean of means is the global mean
+                chunks[-1] = chunks[-1][: len(chunks[-1]) // world * world]
+        return [c.tensor_split(world)[self.rank] for c in chunks] if world > 1 else chunks
+
     def index_batches(self, epoch: int, start: int = 0) -> List[torch.Tensor]:
-        chunks = list(self.order(epoch).split(self.batch_size))
-        if self.drop_last and chunks and len(chunks[-1]) < self.batch_size:
-            chunks.pop()
-        return chunks[start:]
+        """This rank's index batches of ``epoch``. With several ranks, each global batch of
+        ``batch_size x world_size`` samples is cut into equal consecutive shares (rank r takes share r),
+        and a last global batch is shortened to a multiple of the world size."""
+        return self._chunks(epoch)[start:]
 
     def first(self) -> Batch:
         """A full batch of the first samples (to measure the model on)."""
@@ -135,15 +151,17 @@ def _sources(arrays: Arrays, device: torch.device, memory_format: torch.memory_f
     return tensors(arrays.x_train, arrays.y_train), tensors(arrays.x_val, arrays.y_val)
 
 
-def build_batches(spec: DataSpec, arrays: Arrays, device: torch.device, channels_last: bool = False) -> DataBundle:
-    """In-memory datasets live on ``device``; with workers they stay on the CPU and batches move."""
+def build_batches(spec: DataSpec, arrays: Arrays, device: torch.device, channels_last: bool = False,
+                  rank: int = 0, world_size: int = 1) -> DataBundle:
+    """In-memory datasets live on ``device``; with workers they stay on the CPU and batches move.
+    With several ranks, each rank gets its share of every training batch and of the validation set."""
     where = device if spec.num_workers == 0 else torch.device("cpu")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     train_src, val_src = _sources(arrays, where, memory_format)
     train = Batches(train_src, spec.batch_size, spec.shuffle, spec.drop_last, spec.seed, spec.num_workers, device,
-                    memory_format)
+                    memory_format, rank, world_size)
     val = Batches(val_src, spec.eval_batch_size or spec.batch_size, False, False, spec.seed, spec.num_workers,
-                  device, memory_format)
+                  device, memory_format, rank, world_size)
     return DataBundle(arrays.info, train, val)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from trainctl import data as data_mod
-from trainctl.batches import DataBundle, build_batches
+from trainctl.batches import Batches, DataBundle, build_batches
 from trainctl.callbacks import Callback, EarlyStopping
 from trainctl.checkpoint import Checkpointer
 from trainctl.errors import ConfigError
@@ -21,6 +21,7 @@ from trainctl.loss import SumLoss, build_loss, out_features, resolve_loss
 from trainctl.metrics import Evaluator, MetricsWriter
 from trainctl.model import apply_dropout, build_model, is_custom, model_name, with_dropout
 from trainctl.optim import build_optimizer, has_train_eval_modes
+from trainctl.parallel import Distributed
 from trainctl.performance import (
     CompileClock,
     apply_activation_checkpointing,
@@ -69,6 +70,18 @@ class Run:
     compile_clock: Optional[CompileClock] = None
     flops_per_sample: Optional[float] = None
     peak_tflops: Optional[float] = None
+    dist: Optional[Distributed] = None
+    """This process's place in a multi-process job (None: one process)."""
+    train_model: Optional[torch.nn.Module] = None
+    """What the training step calls: the model, or its DDP wrapper (``model`` stays the bare module)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size if self.dist is not None else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,13 +103,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = ".") -> Run:
+def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = ".",
+              dist: Optional[Distributed] = None) -> Run:
+    """Everything a run needs, from its spec. ``dist``: this process's place in a multi-process job."""
     device = resolve_device(spec.trainer.device)
+    if dist is not None:
+        device = dist.device if device.type == "cuda" else device
     perf = spec.performance
-    bundle = build_batches(spec.data, data_mod.load(spec.data), device, perf.channels_last)
+    rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
+    bundle = build_batches(spec.data, data_mod.load(spec.data), device, perf.channels_last, rank, world)
     info = bundle.info
     precision = build_precision(spec.precision, device)
     model = _build_model(spec, info, device, precision, base_dir)
+    if rank:  # the same initial weights everywhere (DDP also broadcasts rank 0's), different dropout masks
+        torch.manual_seed(spec.trainer.seed + rank)
     optimizer = build_optimizer(spec.optimizer, param_groups(model, spec.regularization))
     per_epoch, total = total_optimizer_steps(spec, len(bundle.train))
     horizon = Horizon(total, per_epoch)
@@ -110,6 +130,7 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
     if perf.compile:
         clock = CompileClock().start()
         compile_model(model, perf)
+    train_model = dist.wrap(model) if dist is not None else model
     trainer = spec.trainer
     task = info.task
     callbacks: List[Callback] = []
@@ -133,7 +154,7 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
         optimizer_has_modes=has_train_eval_modes(spec.optimizer),
         skip_nonfinite=trainer.on_nonfinite == "skip", max_consecutive_skips=trainer.max_consecutive_skips,
         callbacks=callbacks, checkpointer=checkpointer, run_dir=run_dir, checkpointed_modules=wrapped,
-        compile_clock=clock, flops_per_sample=flops, peak_tflops=peak)
+        compile_clock=clock, flops_per_sample=flops, peak_tflops=peak, dist=dist, train_model=train_model)
 
 
 def _build_model(spec: RunSpec, info: data_mod.DataInfo, device: torch.device, precision: Precision,
@@ -170,11 +191,10 @@ def plan(run: Run) -> Dict[str, Any]:
         "scheduler": spec.scheduler.name,
         "batch size": spec.data.batch_size,
         "gradient accumulation": run.grad_accum_steps,
-        "world size": 1,
-        "effective batch size": spec.data.batch_size * run.grad_accum_steps,
-        "batches per epoch": len(run.data.train),
-        "optimizer steps per epoch": run.horizon.steps_per_epoch,
-        "total optimizer steps": run.horizon.total_steps,
+        "world size": _world_size(run),
+        "effective batch size": spec.data.batch_size * run.grad_accum_steps * _world_size(run),
+        "parallelism": spec.parallelism.name + (f" ({run.dist.backend})" if run.dist else ""),
+        **_steps_plan(run),
         "device": str(run.device),
         "precision": run.precision.name,
         "performance": _performance_plan(run),
@@ -182,6 +202,26 @@ def plan(run: Run) -> Dict[str, Any]:
         "early stopping": (f"patience {spec.early_stopping.patience} on "
                            f"{spec.monitor(info.task, spec.early_stopping)}" if spec.early_stopping.enabled else "off"),
     }
+
+
+def _steps_plan(run: Run) -> Dict[str, int]:
+    """Batches and steps per process; for a job still to be launched, as each of its ranks will see them."""
+    batches, horizon = run.data.train, run.horizon
+    world = _world_size(run)
+    if world != run.world_size:
+        batches = Batches(batches.source, batches.batch_size, batches.shuffle, batches.drop_last, batches.seed,
+                          rank=0, world_size=world)
+        horizon = Horizon(*reversed(total_optimizer_steps(run.spec, len(batches))))
+    return {"batches per epoch": len(batches), "optimizer steps per epoch": horizon.steps_per_epoch,
+            "total optimizer steps": horizon.total_steps}
+
+
+def _world_size(run: Run) -> int:
+    """The processes of the job: as launched, or as `trainctl run` will launch them."""
+    par = run.spec.parallelism
+    if run.dist is not None or par.name == "single":
+        return run.world_size
+    return (par.nproc_per_node or 1) * par.nnodes
 
 
 def _checkpoint_plan(spec: RunSpec) -> str:

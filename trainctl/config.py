@@ -231,9 +231,18 @@ def task(cfg: DictConfig) -> Optional[float]:
         spec = load_spec(cfg, base_dir)
         if spec.checkpoint.resume != "auto":
             check_fresh_run_dir(run_dir)
-        from trainctl.job import train
+        from trainctl import parallel
 
-        summary = train(spec, run_dir, base_dir)
+        parallel.check_launch(spec.parallelism)
+        if parallel.should_self_launch(spec.parallelism):  # a sweep job of several processes
+            summary = _launched_job(spec, run_dir, list(HydraConfig.get().overrides.task))
+        else:
+            from trainctl.job import train
+
+            dist = _DIST.pop("current", None)
+            summary = train(spec, run_dir, base_dir, dist)
+            if dist is not None:
+                dist.close()
     except ConfigError as error:
         _discard_if_untouched(run_dir)
         if sweep:
@@ -246,6 +255,19 @@ def task(cfg: DictConfig) -> Optional[float]:
     if code and not sweep:
         raise SystemExit(code)
     return summary["best_metric"]
+
+
+def _launched_job(spec: RunSpec, run_dir: Path, overrides: List[str]) -> dict:
+    """Run one job as torchrun processes in ``run_dir`` and return the summary rank 0 wrote."""
+    import json
+
+    from trainctl import parallel
+
+    code = parallel.self_launch(spec.parallelism, overrides, str(run_dir))
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {"stop_reason": "failed", "best_metric": None, "error": f"torchrun exited with {code}"}
 
 
 def run_single(overrides: Sequence[str], base_dir: str, config_name: str = CONFIG_NAME) -> None:
@@ -272,15 +294,16 @@ def run_single(overrides: Sequence[str], base_dir: str, config_name: str = CONFI
         with open_dict(task_cfg):
             del task_cfg["hydra"]
         spec = load_spec(task_cfg, base_dir)
-        if spec.checkpoint.resume != "auto":
-            try:
-                run_dir = Path(base_dir, str(cfg.hydra.run.dir))
-            except Exception:  # a directory naming runtime values; the task checks it once they exist
-                run_dir = None
-            if run_dir is not None:
-                check_fresh_run_dir(run_dir)
+        try:
+            run_dir: Optional[Path] = Path(base_dir, str(cfg.hydra.run.dir))
+        except Exception:  # a directory naming runtime values; the task checks it once they exist
+            run_dir = None
+        if spec.checkpoint.resume != "auto" and run_dir is not None and "RANK" not in os.environ:
+            check_fresh_run_dir(run_dir)
         if cfg.hydra.mode is None:
             cfg.hydra.mode = RunMode.RUN
+        if _distributed(spec, overrides, run_dir, cfg, base_dir):
+            return
 
         def job() -> None:
             callbacks = Callbacks(cfg)
@@ -292,6 +315,64 @@ def run_single(overrides: Sequence[str], base_dir: str, config_name: str = CONFI
             _ = ret.return_value  # raises what the task raised
 
         run_and_report(job)
+
+
+def _distributed(spec: RunSpec, overrides: List[str], run_dir: Optional[Path], cfg: DictConfig, base_dir: str) -> bool:
+    """Start torchrun for a self-launched run, or join the process group of a launched one.
+
+    Returns True when this process's part is done (the launcher, or a rank other than 0, which trains
+    without Hydra's job machinery). Rank 0 decides the run directory and goes on as a normal run.
+    """
+    from trainctl import parallel
+
+    par = spec.parallelism
+    parallel.check_launch(par)
+    if parallel.should_self_launch(par):
+        if run_dir is None:
+            raise ConfigError("hydra.run.dir", "cannot be decided before the processes start",
+                              "set hydra.run.dir=outputs/NAME")
+        code = parallel.self_launch(par, overrides, str(run_dir))
+        if code:
+            raise SystemExit(code)
+        return True
+    if par.name == "single":
+        return False
+    from trainctl.build import resolve_device
+
+    dist = parallel.start(par, resolve_device(spec.trainer.device).type)
+    if dist is None:
+        return False
+    problem = None  # rank 0's verdict on the directory, shared so that no rank is left waiting
+    if dist.is_main:
+        try:
+            if run_dir is None:
+                raise ConfigError("hydra.run.dir", "cannot be decided before the processes start",
+                                  "set hydra.run.dir=outputs/NAME")
+            if spec.checkpoint.resume != "auto":
+                check_fresh_run_dir(run_dir)
+        except ConfigError as error:
+            problem = (error.key, str(error), error.fix)
+    decided, problem = dist.broadcast((str(run_dir), problem))
+    if problem is not None:
+        dist.close()
+        raise ConfigError(*problem)
+    if dist.is_main:
+        cfg.hydra.run.dir = decided
+        _DIST["current"] = dist
+        return False
+    from trainctl.job import train
+
+    with parallel.quiet_unless_main(dist):
+        summary = train(spec, Path(decided), base_dir, dist)
+    dist.close()
+    code = exit_code(summary)
+    if code:
+        raise SystemExit(code)
+    return True
+
+
+_DIST: dict = {}
+"""Rank 0's process group, handed from :func:`run_single` to :func:`task` (Hydra calls the task)."""
 
 
 def run_hydra(argv: Sequence[str]) -> None:

@@ -13,6 +13,7 @@ from trainctl.console import Display
 from trainctl.errors import ConfigError
 from trainctl.files import CheckpointError, load_weights, write_json, write_text
 from trainctl.metrics import MetricsWriter
+from trainctl.parallel import Distributed
 from trainctl.checkpoint import Checkpoint, newest_valid, read_checkpoint
 from trainctl.resume import check_changes, find_resume_source, load_saved_spec
 from trainctl.runner import Runner
@@ -21,25 +22,27 @@ from trainctl.spec import RunSpec, spec_yaml
 log = logging.getLogger("trainctl")
 
 
-def train(spec: RunSpec, run_dir: Path, base_dir: str) -> Dict[str, Any]:
+def train(spec: RunSpec, run_dir: Path, base_dir: str, dist: Optional[Distributed] = None) -> Dict[str, Any]:
     """Everything that can be wrong with the spec or the checkpoint to resume from fails before a
-    file is written."""
+    file is written. Under DDP every rank calls this with the same directory; rank 0 writes."""
+    main = dist is None or dist.is_main
     source = find_resume_source(spec, run_dir)
-    changes = check_changes(source, spec) if source is not None else []
-    run = build_run(spec, run_dir=run_dir, base_dir=base_dir)
+    changes = check_changes(source, spec, dist.world_size if dist else 1) if source is not None else []
+    run = build_run(spec, run_dir=run_dir, base_dir=base_dir, dist=dist)
     if source is not None:
         try:
             load_weights(run.model, source.weights)
         except CheckpointError as exc:
             raise ConfigError("checkpoint.resume", str(exc), "resume with the model settings it was saved with") from None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", spec_yaml(spec))
-    continuing = source is not None or spec.checkpoint.resume == "auto"
-    run.writer = MetricsWriter(run_dir, spec.logging.tensorboard,
-                               resume_step=(source.step if source else 0) if continuing else None)
-    if run.checkpointer is not None:
-        run.checkpointer.clean_stale()
-    display = Display(spec.logging.progress, run.horizon.total_steps, run.horizon.total_epochs)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "config.yaml", spec_yaml(spec))
+        continuing = source is not None or spec.checkpoint.resume == "auto"
+        run.writer = MetricsWriter(run_dir, spec.logging.tensorboard,
+                                   resume_step=(source.step if source else 0) if continuing else None)
+        if run.checkpointer is not None:
+            run.checkpointer.clean_stale()
+    display = Display(spec.logging.progress if main else "none", run.horizon.total_steps, run.horizon.total_epochs)
     runner = Runner(run, display)
     log.info("run directory: %s", run_dir)
     if source is not None:
@@ -54,12 +57,14 @@ def train(spec: RunSpec, run_dir: Path, base_dir: str) -> Dict[str, Any]:
         log.info("no checkpoint in %s: starting from the beginning", run_dir / "checkpoints")
     for key, value in plan(run).items():
         log.info("  %-26s %s", key, f"{value:,}" if isinstance(value, int) else value)
-    write_json(run_dir / "summary.json", {**runner.summary(), "status": "running", "stop_reason": None})
+    if main:
+        write_json(run_dir / "summary.json", {**runner.summary(), "status": "running", "stop_reason": None})
     if not gc.isenabled():  # switched off for the start-up of a single run (cli.py)
         gc.freeze()  # later collections skip what start-up built (its few cyclic leftovers stay)
         gc.enable()
     summary = runner.fit()
-    display.summary(summary)
+    if main:
+        display.summary(summary)
     log.info("summary: %s", {k: summary[k] for k in ("stop_reason", "best_metric", "steps", "wall_seconds")})
     return summary
 

@@ -126,9 +126,13 @@ class TrainMeter:
 
     def __init__(self, every_n_steps: int, device: "torch.device", tokens: bool = False,
                  memory: Optional[Callable[[], Optional[float]]] = None,
-                 flops_per_sample: Optional[float] = None, peak_tflops: Optional[float] = None) -> None:
+                 flops_per_sample: Optional[float] = None, peak_tflops: Optional[float] = None,
+                 dist: Any = None) -> None:
         import torch
 
+        self.dist = dist
+        """Under DDP, readings cover every rank: samples and terms are counted for all ranks (their
+        shares are equal) and loss sums are added across ranks when read."""
         self.every = every_n_steps
         self.tokens = tokens
         self.memory = memory
@@ -182,11 +186,13 @@ class TrainMeter:
         """Whether every loss and gradient norm since the last reading was finite (one host sync)."""
         import torch
 
-        return bool(torch.isfinite(self.loss_sum + self.norm_sum))
+        finite = bool(torch.isfinite(self.loss_sum + self.norm_sum))
+        return finite if self.dist is None else not self.dist.any(not finite)
 
     def read(self) -> Dict[str, float]:
         """The readings since the last call (one host sync), then start over."""
-        values = {"train/loss": float(self.loss_sum) / max(1, self.terms)}  # waits for the device first
+        loss_sum = self.loss_sum if self.dist is None else self.dist.sum(self.loss_sum.clone())
+        values = {"train/loss": float(loss_sum) / max(1, self.terms)}  # waits for the device first
         now = time.perf_counter()
         seconds = max(1e-9, now - self.since - self.excluded)
         if self.norms:

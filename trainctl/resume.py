@@ -64,14 +64,19 @@ def spec_changes(saved_yaml: str, spec: RunSpec, world_size: Tuple[int, int] = (
     return refused, allowed
 
 
-def check_changes(source: Checkpoint, spec: RunSpec) -> List[str]:
+def check_changes(source: Checkpoint, spec: RunSpec, world_size: int = 1) -> List[str]:
     """Refuse unusable changes (ConfigError listing them); return the allowed ones."""
     saved_world = int(source.meta.get("world_size", 1))
-    refused, allowed = spec_changes(source.spec_yaml, spec, (saved_world, 1))
+    refused, allowed = spec_changes(source.spec_yaml, spec, (saved_world, world_size))
     if refused:
+        fix = "drop those overrides, or start a new run (a new hydra.run.dir without checkpoint.resume)"
+        if saved_world != world_size:
+            fix = (f"continue with {saved_world} process(es): run the command that started it again with "
+                   f"checkpoint.resume=auto hydra.run.dir=RUN_DIR (under torchrun --nproc_per_node={saved_world}, "
+                   f"or with parallelism.nproc_per_node={saved_world})" if saved_world > 1 else
+                   "continue it with one process (`trainctl resume RUN_DIR`)")
         raise ConfigError("checkpoint.resume", f"{source.path} cannot continue with these changes:\n    "
-                          + "\n    ".join(refused),
-                          "drop those overrides, or start a new run (a new hydra.run.dir without checkpoint.resume)")
+                          + "\n    ".join(refused), fix)
     return allowed
 
 

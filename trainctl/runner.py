@@ -12,8 +12,8 @@ import signal
 import threading
 import time
 import warnings
-from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -45,7 +45,7 @@ class Runner:
                                           attach_log=False)
         self.meter = TrainMeter(run.log_every_n_steps, run.device, tokens=run.data.info.task == "lm",
                                 memory=lambda: peak_memory_mib(run.device), flops_per_sample=run.flops_per_sample,
-                                peak_tflops=run.peak_tflops)
+                                peak_tflops=run.peak_tflops, dist=run.dist)
         self.final: Dict[str, float] = {}
         self.eval_seconds = 0.0
         self.checkpoint_seconds = 0.0
@@ -57,6 +57,7 @@ class Runner:
         """Seconds from process start to the end of this session's first optimizer step."""
         self.lr = 0.0
         self.signal: Optional[int] = None
+        self._stop_pending = False
         self.last_checkpoint: Optional[str] = None
         self.checkpoint_error: Optional[str] = None
         self._improved = False
@@ -112,10 +113,14 @@ class Runner:
         run = self.run
         terms = sum(run.loss.count(y) for _, y in window)
         window_loss: Optional[torch.Tensor] = None
-        for x, y in window:
-            with run.precision.autocast():
-                loss_sum = run.loss(run.model(x), y)
-            run.precision.backward(loss_sum / terms)
+        model = run.train_model if run.train_model is not None else run.model
+        for i, (x, y) in enumerate(window):
+            # Ranks hold equal shares, so DDP's average of their gradients is the whole window's gradient;
+            # they are exchanged once per window, after its last micro-batch.
+            with self._sync_gradients(model, i == len(window) - 1):
+                with run.precision.autocast():
+                    loss_sum = run.loss(model(x), y)
+                run.precision.backward(loss_sum / terms)
             loss_sum = loss_sum.detach()
             window_loss = loss_sum if window_loss is None else window_loss + loss_sum
         assert window_loss is not None
@@ -129,7 +134,8 @@ class Runner:
                 warnings.simplefilter("ignore", UserWarning)
                 run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-        samples = sum(len(x) for x, _ in window)
+        samples = sum(len(x) for x, _ in window) * run.world_size  # every rank holds an equal share
+        terms *= run.world_size
         self.state.samples_seen += samples
         self.state.step += 1
         if stepped:
@@ -142,6 +148,11 @@ class Runner:
         else:
             self.meter.step_done(samples, 0, None)
             self._skipped()
+
+    def _sync_gradients(self, model: torch.nn.Module, final: bool) -> ContextManager:
+        if self.run.dist is None:
+            return nullcontext()
+        return self.run.dist.no_sync(model, final)
 
     def _finite_guard(self, window_loss: torch.Tensor) -> Callable[[Optional[torch.Tensor]], bool]:
         def guard(norm: Optional[torch.Tensor]) -> bool:
@@ -171,6 +182,8 @@ class Runner:
         if self.first_step_seconds is None:
             self.first_step_seconds = seconds_since_process_start()
         self.display.step(state.step, state.epoch)
+        if run.dist is not None and (epoch_end or self.meter.should_log(state.step)):
+            self._agree_on_stop()
         if self.meter.should_log(state.step):
             self._log_training()
         if state.stop_reason == "diverged":
@@ -181,6 +194,13 @@ class Runner:
             else:
                 self.evaluate()
         self._maybe_checkpoint(epoch_end, last)
+
+    def _agree_on_stop(self) -> None:
+        """A signal reaches the ranks at different moments; they stop together, at the first log step
+        or epoch end where any of them has one."""
+        assert self.run.dist is not None
+        if self.run.dist.any(self._stop_pending) and self.state.stop_reason is None:
+            self.state.request_stop("interrupted")
 
     def _eval_due(self, epoch_end: bool, last: bool) -> bool:
         run, state = self.run, self.state
@@ -280,20 +300,28 @@ class Runner:
         assert run.checkpointer is not None
         tic = time.perf_counter()
         state.train_seconds = self._train_seconds()
-        meta = {"trainctl_version": __version__, "torch_version": torch.__version__, "world_size": 1,
+        meta = {"trainctl_version": __version__, "torch_version": torch.__version__, "world_size": run.world_size,
                 "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "samples_seen": state.samples_seen,
                 "monitor": run.checkpointer.monitor, "metric": self.final.get(run.checkpointer.monitor)}
-        try:
-            self._spec_yaml = self._spec_yaml or spec_yaml(run.spec)  # ~50 ms to render: once per run
-            path = run.checkpointer.save(state.step, run.model, self.state_dict(), self._spec_yaml, meta, best)
-        except CheckpointError as exc:
-            self.checkpoint_error = str(exc)
+        saved = self.state_dict()  # under DDP a collective: it gathers every rank's RNG state
+        outcome: Tuple[Optional[str], Optional[str]] = (None, None)  # (path, error)
+        if run.is_main:  # rank 0 writes; the others learn how it went, so all stop or go on together
+            try:
+                self._spec_yaml = self._spec_yaml or spec_yaml(run.spec)  # ~50 ms to render: once per run
+                outcome = (str(run.checkpointer.save(state.step, run.model, saved, self._spec_yaml, meta, best)), None)
+            except CheckpointError as exc:
+                outcome = (None, str(exc))
+        if run.dist is not None:
+            outcome = run.dist.broadcast(outcome)
+        path, error = outcome
+        if error is not None:
+            self.checkpoint_error = error
             if run.spec.checkpoint.on_error == "continue":
                 log.error("%s; the previous checkpoint stays valid; training continues "
-                          "(checkpoint.on_error=continue)", exc)
+                          "(checkpoint.on_error=continue)", error)
             else:
                 log.error("%s; the previous checkpoint (%s) stays valid; the run stops "
-                          "(set checkpoint.on_error=continue to train on)", exc, self.last_checkpoint or "none")
+                          "(set checkpoint.on_error=continue to train on)", error, self.last_checkpoint or "none")
                 state.request_stop("checkpoint_failed")
         else:
             self.last_checkpoint = str(path)
@@ -311,8 +339,15 @@ class Runner:
             "scheduler": run.scheduler.state_dict(), "precision": run.precision.state_dict(),
             "checkpointer": run.checkpointer.state_dict() if run.checkpointer else {},
             "callbacks": {c.name: c.state_dict() for c in run.callbacks},
-            "meter": self.meter.state_dict(), "rng": rng_state(),
+            "meter": self.meter.state_dict(), "rng": self._rng_states(),
         }
+
+    def _rng_states(self) -> Any:
+        """This process's RNG state; under DDP every rank's, as a list on rank 0 (each rank draws its own
+        dropout masks, and a resumed rank continues its own stream)."""
+        if self.run.dist is None:
+            return rng_state()
+        return self.run.dist.gather(rng_state())
 
     def load_state_dict(self, saved: Dict[str, Any], new_settings: bool = False) -> None:
         """Restore a checkpoint's state (the weights are loaded separately, before this).
@@ -329,7 +364,10 @@ class Runner:
             if callback.name in saved["callbacks"]:
                 callback.load_state_dict(saved["callbacks"][callback.name])
         self.meter.load_state_dict(saved["meter"])
-        set_rng_state(saved["rng"])
+        rng = saved["rng"]
+        if isinstance(rng, list):  # saved by a DDP run (resume checked the world size): one state per rank
+            rng = rng[run.dist.rank if run.dist is not None else 0]
+        set_rng_state(rng)
 
     # --- stopping and finishing ---------------------------------------------------------------------
 
@@ -344,6 +382,11 @@ class Runner:
             if self.signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.signal = self.signal or signum
+            if self.run.dist is not None:
+                self._stop_pending = True
+                log.warning("%s received: every process stops at the next log step or epoch end and a "
+                            "checkpoint is saved (press Ctrl-C again to stop now)", signal.Signals(signum).name)
+                return
             log.warning("%s received: stopping after the current step and saving a checkpoint "
                         "(press Ctrl-C again to stop now)", signal.Signals(signum).name)
             self.state.request_stop("interrupted")
@@ -415,7 +458,7 @@ class Runner:
             for callback in run.callbacks:
                 callback.on_fit_end(state, run.model)
         self._optimizer_mode("eval")  # schedule-free: the saved weights are the averaged ones
-        if run.run_dir is not None and state.stop_reason not in ("diverged", "failed"):
+        if run.run_dir is not None and run.is_main and state.stop_reason not in ("diverged", "failed"):
             try:
                 save_weights(run.model, run.run_dir / "model.safetensors",
                              {"trainctl_version": __version__, "step": str(state.step)})
@@ -424,7 +467,7 @@ class Runner:
         summary = self.summary(error)
         if run.compile_clock is not None:
             run.compile_clock.close()
-        if run.run_dir is not None:
+        if run.run_dir is not None and run.is_main:
             try:
                 write_json(run.run_dir / "summary.json", summary)
             except OSError as exc:

@@ -27,6 +27,7 @@ from trainctl.loss import LOSSES, LossSpec, loss_problem
 from trainctl.metrics import MODE_OF, VAL_METRICS, default_monitor
 from trainctl.model import MODELS, is_custom, task_compatible, validate_model
 from trainctl.optim import OPTIMIZERS, OptimizerSpec
+from trainctl.parallel import ParallelismSpec
 from trainctl.performance import PerformanceSpec
 from trainctl.precision import PRECISIONS, PrecisionSpec
 from trainctl.regularization import RegularizationSpec
@@ -112,6 +113,7 @@ class RunSpec:
     regularization: RegularizationSpec = field(default_factory=RegularizationSpec)
     precision: PrecisionSpec = MISSING
     performance: PerformanceSpec = field(default_factory=PerformanceSpec)
+    parallelism: ParallelismSpec = field(default_factory=ParallelismSpec)
     loss: LossSpec = MISSING
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
@@ -132,8 +134,8 @@ class RunSpec:
         if not is_custom(self.model):
             _check_option("model", self.model, MODELS)
         validate_model(self.model, self.allowed_target_prefixes)
-        for key in ("data", "optimizer", "scheduler", "regularization", "precision", "performance", "loss", "trainer",
-                    "logging", "checkpoint", "early_stopping"):
+        for key in ("data", "optimizer", "scheduler", "regularization", "precision", "performance", "parallelism",
+                    "loss", "trainer", "logging", "checkpoint", "early_stopping"):
             getattr(self, key).validate(key)
         self._validate_across_groups()
 

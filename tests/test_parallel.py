@@ -1,0 +1,165 @@
+"""DDP under torchrun on CPU (gloo, 2 processes): the same math as one process with the whole batch,
+one run directory whichever way it is launched, and clear errors for a launch that does not fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import trainctl
+
+pytestmark = pytest.mark.slow
+
+# No dropout (ranks draw their own masks); evaluation and checkpoints on, so their collectives run too.
+COMMON = ["model.dropout=0", "trainer.max_epochs=null", "logging.progress=none", "logging.tensorboard=false",
+          "trainer.eval_every_n_steps=4", "trainer.eval_every_n_epochs=null", "checkpoint.every_n_steps=4",
+          "checkpoint.every_n_epochs=null", "logging.log_every_n_steps=2"]
+
+
+def _torchrun(args: list, cwd: Path, port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", "-m", "trainctl", "run", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _records(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_two_ranks_train_exactly_like_one_process_with_twice_the_batch(tmp_path, accumulation):
+    steps = [f"trainer.max_steps={8 // accumulation}", f"trainer.grad_accum_steps={accumulation}"]
+    single = trainctl(["run", *COMMON, *steps, "data.batch_size=64", f"hydra.run.dir={tmp_path / 'single'}"],
+                      cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr
+    ddp = _torchrun([*COMMON, *steps, "parallelism=ddp", "data.batch_size=32", f"hydra.run.dir={tmp_path / 'ddp'}"],
+                    tmp_path, 29611 + accumulation)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "single" / "model.safetensors")), load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:  # the same samples per step; only the order of floating-point sums differs
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+    single_records, ddp_records = _records(tmp_path / "single"), _records(tmp_path / "ddp")
+    assert [r["step"] for r in ddp_records] == [r["step"] for r in single_records]
+    for r, s in zip(ddp_records, single_records):
+        for key in ("train/loss", "val/loss", "val/acc", "lr"):
+            if key in s:
+                assert r[key] == pytest.approx(s[key], rel=1e-5, abs=1e-6), (r["step"], key)
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["stop_reason"] == "completed" and summary["samples_seen"] == 8 * 64
+    meta = json.loads((tmp_path / "ddp" / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["world_size"] == 2
+    assert "world size                 2" in (tmp_path / "ddp" / "trainctl.log").read_text()
+
+
+def test_torchrun_and_self_launch_each_make_one_run_directory(tmp_path):
+    args = [*COMMON, "trainer.max_steps=4", "parallelism=ddp"]
+    out = _torchrun(args, tmp_path, 29621)
+    assert out.returncode == 0, out.stderr[-3000:]
+    launched = trainctl(["run", *args, "parallelism.nproc_per_node=2", "parallelism.rdzv_endpoint=localhost:29622"],
+                        cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    run_dirs = sorted(p.parent for p in (tmp_path / "outputs").glob("*/*/metrics.jsonl"))
+    assert len(run_dirs) == 2 and len(list((tmp_path / "outputs").glob("*/*"))) == 2, "one directory per run"
+    for run_dir in run_dirs:
+        records = _records(run_dir)
+        assert [r["step"] for r in records if "train/loss" in r] == [2, 4], "one writer (rank 0), no duplicates"
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "done"
+        assert len(list((run_dir / "checkpoints").glob("step-*"))) == 1
+
+
+def test_a_launch_that_does_not_fit_the_strategy_is_a_clear_error(tmp_path):
+    out = trainctl(["run", "parallelism=ddp", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path, timeout=60)
+    assert out.returncode == 2 and "needs several processes" in out.stderr and "torchrun" in out.stderr
+    assert not (tmp_path / "r").exists()
+    out = _torchrun(["trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, 29631)
+    assert out.returncode != 0 and "add parallelism=ddp" in out.stderr
+    out = trainctl(["run", "parallelism.nproc_per_node=2"], cwd=tmp_path, timeout=60)
+    assert out.returncode == 2 and "set parallelism=ddp" in out.stderr
+
+
+def test_sigterm_stops_every_rank_together_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    import signal
+
+    from conftest import run_then_signal
+
+    args = [*COMMON, "trainer.max_steps=40", "parallelism=ddp", "parallelism.nproc_per_node=2",
+            "model.dropout=0.2"]  # dropout: every rank's own random stream must survive the restart
+    reference = trainctl(["run", *args, "parallelism.rdzv_endpoint=localhost:29641",
+                          f"hydra.run.dir={tmp_path / 'reference'}"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    proc = run_then_signal([*args, "parallelism.rdzv_endpoint=localhost:29642"], run_dir, tmp_path, signal.SIGTERM,
+                           after_lines=6)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted" and 0 < summary["steps"] < 40, proc.stderr_text[-3000:]
+    assert proc.returncode != 0
+    resumed = trainctl(["run", *args, "parallelism.rdzv_endpoint=localhost:29643", "checkpoint.resume=auto",
+                        f"hydra.run.dir={run_dir}"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_file(str(run_dir / "model.safetensors")), load_file(str(tmp_path / "reference" / "model.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resuming"
+    steps = [r["step"] for r in _records(run_dir) if "train/loss" in r]
+    assert steps == list(range(2, 41, 2)), "no duplicated or missing records"
+
+
+def test_a_failing_rank_ends_the_job_and_an_elastic_restart_resumes_it_exactly(tmp_path):
+    from conftest import REPO
+
+    args = [*COMMON, "trainer.max_steps=16", "parallelism=ddp"]
+    reference = _torchrun([*args, f"hydra.run.dir={tmp_path / 'reference'}"], tmp_path, 29651)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29652"]
+    fault = [str(REPO / "tests" / "faults.py"), "raise-once", "10", "1", str(tmp_path / "failed-once"), "--", "run"]
+    # without restarts: the whole job stops with the rank's error instead of hanging
+    failed = subprocess.run([*base, *fault, *args, f"hydra.run.dir={tmp_path / 'failed'}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert failed.returncode != 0 and "simulated failure of rank 1" in failed.stderr
+    (tmp_path / "failed-once").unlink()
+    # with one restart (what parallelism.max_restarts=1 passes to torchrun, with checkpoint.resume=auto)
+    restarted = subprocess.run([*base, "--max_restarts=1", *fault, *args, "checkpoint.resume=auto",
+                                f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                               timeout=300, env=env)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert (tmp_path / "failed-once").exists()
+    a, b = load_file(str(tmp_path / "run" / "model.safetensors")), load_file(str(tmp_path / "reference" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the restarted job resumed from its checkpoint exactly"
+    assert [r["step"] for r in _records(tmp_path / "run") if "train/loss" in r] == list(range(2, 17, 2))
+
+
+def test_the_self_launch_command_is_torchrun_with_the_run_directory_fixed():
+    from trainctl.parallel import ParallelismSpec, torchrun_command
+
+    spec = ParallelismSpec(name="ddp", nproc_per_node=4, nnodes=2, node_rank=1, rdzv_endpoint="node0:29500",
+                           max_restarts=2)
+    command = torchrun_command(spec, ["parallelism=ddp", "optimizer=sgd"], "/runs/a")
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert {"--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--rdzv_endpoint=node0:29500",
+            "--max_restarts=2"} <= set(command)
+    assert command[-4:] == ["parallelism=ddp", "optimizer=sgd", "checkpoint.resume=auto", "hydra.run.dir=/runs/a"]
+
+
+def test_a_sweep_starts_one_torchrun_per_job(tmp_path):
+    out = trainctl(["run", "-m", *COMMON, "trainer.max_steps=4", "parallelism=ddp", "parallelism.nproc_per_node=2",
+                    "parallelism.rdzv_endpoint=localhost:29661", "optimizer.lr=1e-3,3e-3",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))
+    assert [j.name for j in jobs] == ["0", "1"]
+    for job, lr in zip(jobs, (1e-3, 3e-3)):
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["status"] == "done" and summary["steps"] == 4
+        meta = json.loads((job / "checkpoints" / "last" / "meta.json").read_text())
+        assert meta["world_size"] == 2
+        assert f"lr: {lr}" in (job / "config.yaml").read_text()

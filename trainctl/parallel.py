@@ -1,0 +1,236 @@
+"""The `parallelism` config group and everything distributed: reading torchrun's environment, the
+process group, the DDP wrapper, cross-rank agreement, and the rank-0 rules for files and logs.
+
+One process (`single`) is the default. `ddp` runs one process per device under torchrun, either
+launched by the user (`torchrun --nproc_per_node=N -m trainctl run parallelism=ddp`) or by trainctl
+itself (`parallelism.nproc_per_node=N`, see :func:`torchrun_command`). Every rank trains the same
+frozen spec in the same run directory; only rank 0 writes files and logs.
+
+The spec and its checks are torch-free; the rest imports torch when called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence
+
+from trainctl.errors import ConfigError, check, check_choice
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger("trainctl")
+
+STRATEGIES = ("single", "ddp")
+BACKENDS = ("auto", "gloo", "nccl")
+LAUNCHED_BY_TRAINCTL = "TRAINCTL_LAUNCHED"
+"""Set in the environment of the ranks trainctl starts, so they do not start torchrun again."""
+
+
+@dataclass
+class ParallelismSpec:
+    """How many processes train, and how they are started."""
+
+    name: str = "single"
+    """single (one process) or ddp (DistributedDataParallel, one process per device, under torchrun)."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl."""
+    nproc_per_node: Optional[int] = None
+    """Processes per node when trainctl starts torchrun itself; null: run as launched (under torchrun,
+    or as one process)."""
+    nnodes: int = 1
+    """Nodes, when trainctl starts torchrun (the same command runs on every node)."""
+    node_rank: int = 0
+    """This node's rank (0 .. nnodes-1), for static multi-node rendezvous."""
+    rdzv_endpoint: str = "localhost:29500"
+    """host:port of the rendezvous (node 0's address for multiple nodes)."""
+    max_restarts: int = 0
+    """Elastic restarts of the whole job after a rank fails; each restart resumes from the last
+    checkpoint (checkpoint.resume is set to auto)."""
+    timeout_minutes: float = 10.0
+    """How long a collective waits for the other ranks before the job fails."""
+
+    def validate(self, key: str = "parallelism") -> None:
+        check_choice(self.name, STRATEGIES, f"{key}.name")
+        check_choice(self.backend, BACKENDS, f"{key}.backend")
+        check(self.nproc_per_node is None or self.nproc_per_node >= 1, f"{key}.nproc_per_node", "must be >= 1")
+        check(self.nproc_per_node is None or self.name != "single", f"{key}.nproc_per_node",
+              "starting several processes needs a distributed strategy", "set parallelism=ddp")
+        check(self.nnodes >= 1, f"{key}.nnodes", "must be >= 1")
+        check(0 <= self.node_rank < self.nnodes, f"{key}.node_rank", f"must be in 0..{self.nnodes - 1}")
+        check(self.max_restarts >= 0, f"{key}.max_restarts", "must be >= 0")
+        check(self.timeout_minutes > 0, f"{key}.timeout_minutes", "must be > 0")
+        check(":" in self.rdzv_endpoint, f"{key}.rdzv_endpoint", "must be host:port", "e.g. node0.cluster:29500")
+
+
+# --- launching ----------------------------------------------------------------------------------------
+
+def launched_world_size() -> int:
+    """The world size torchrun (or another launcher setting the same variables) started us with."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_launch(spec: ParallelismSpec) -> None:
+    """Refuse a strategy that does not match how the process was started."""
+    world = launched_world_size()
+    if world > 1 and spec.name == "single":
+        raise ConfigError("parallelism", f"started as one of {world} processes, but parallelism=single",
+                          "add parallelism=ddp to the command")
+    if world == 1 and spec.name != "single" and spec.nproc_per_node is None and "RANK" not in os.environ:
+        raise ConfigError("parallelism", f"parallelism={spec.name} needs several processes",
+                          f"launch with `torchrun --nproc_per_node=N -m trainctl run parallelism={spec.name} ...` "
+                          "or set parallelism.nproc_per_node=N")
+
+
+def should_self_launch(spec: ParallelismSpec) -> bool:
+    return spec.nproc_per_node is not None and LAUNCHED_BY_TRAINCTL not in os.environ and "RANK" not in os.environ
+
+
+def torchrun_command(spec: ParallelismSpec, overrides: Sequence[str], run_dir: str) -> List[str]:
+    """The torchrun command that starts the ranks of a run whose directory is already decided."""
+    resume = ["checkpoint.resume=auto"] if spec.max_restarts else []
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={spec.nproc_per_node}",
+               f"--nnodes={spec.nnodes}", f"--max_restarts={spec.max_restarts}"]
+    if spec.nnodes > 1:
+        command += [f"--node_rank={spec.node_rank}", f"--rdzv_endpoint={spec.rdzv_endpoint}", "--rdzv_backend=static"]
+    else:
+        host, port = spec.rdzv_endpoint.rsplit(":", 1)
+        command += [f"--master_addr={host}", f"--master_port={port}"]
+    return command + ["-m", "trainctl", "run", *overrides, *resume, f"hydra.run.dir={run_dir}"]
+
+
+def self_launch(spec: ParallelismSpec, overrides: Sequence[str], run_dir: str) -> int:
+    """Run torchrun as a child process and return its exit code. Ctrl-C from a terminal reaches the
+    ranks directly; a SIGTERM sent to trainctl (a scheduler ending the job) is passed on to torchrun,
+    which passes it to the ranks, and they stop together and save a checkpoint."""
+    import signal
+    import subprocess
+
+    command = torchrun_command(spec, overrides, run_dir)
+    print(f"trainctl: starting {spec.nproc_per_node * spec.nnodes} processes in {run_dir}", file=sys.stderr)
+    env = {**os.environ, LAUNCHED_BY_TRAINCTL: "1"}
+    proc = subprocess.Popen(command, env=env)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # the ranks got the terminal's SIGINT too; wait for their clean stop
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --- the process group ----------------------------------------------------------------------------------
+
+class Distributed:
+    """This process's place in a DDP job, and the few collectives the runner needs."""
+
+    def __init__(self, spec: ParallelismSpec, device_type: str) -> None:
+        import torch
+        import torch.distributed as dist
+
+        self.spec = spec
+        self.rank = int(os.environ["RANK"])
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        backend = spec.backend if spec.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+        if backend == "nccl" and device_type != "cuda":
+            raise ConfigError("parallelism.backend", "nccl needs CUDA devices", "set parallelism.backend=gloo")
+        self.backend = backend
+        if not dist.is_initialized():
+            if device_type == "cuda":
+                torch.cuda.set_device(self.local_rank)
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=spec.timeout_minutes))
+        self.device = torch.device("cuda", self.local_rank) if device_type == "cuda" else torch.device(device_type)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: "nn.Module") -> "nn.Module":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.local_rank] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    @staticmethod
+    def no_sync(model: "nn.Module", final: bool) -> Any:
+        """Skip the gradient all-reduce on every micro-batch of a window but the last."""
+        return contextlib.nullcontext() if final else model.no_sync()  # type: ignore[operator]
+
+    def sum(self, tensor: "torch.Tensor") -> "torch.Tensor":
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (one small all-reduce)."""
+        import torch
+
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.sum(value).item() > 0)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> Optional[List[Any]]:
+        """Every rank's ``obj``, as a list on rank 0 (None elsewhere)."""
+        import torch.distributed as dist
+
+        out: Optional[List[Any]] = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def scatter(self, objs: Optional[List[Any]]) -> Any:
+        """Rank 0's ``objs[r]`` on rank r."""
+        import torch.distributed as dist
+
+        out: List[Any] = [None]
+        dist.scatter_object_list(out, objs if self.is_main else None, src=0)
+        return out[0]
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start(spec: ParallelismSpec, device_type: str) -> Optional[Distributed]:
+    """The process group of a launched multi-process job, or None for one process."""
+    if spec.name == "single" or launched_world_size() == 1 and "RANK" not in os.environ:
+        return None
+    return Distributed(spec, device_type)
+
+
+@contextlib.contextmanager
+def quiet_unless_main(dist: Optional[Distributed]) -> Iterator[None]:
+    """Ranks other than 0 log warnings and errors only (rank 0 reports for the job)."""
+    if dist is None or dist.is_main:
+        yield
+        return
+    logger = logging.getLogger("trainctl")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
