@@ -83,6 +83,7 @@ def test_a_launch_that_does_not_fit_the_strategy_is_a_clear_error(tmp_path):
     assert not (tmp_path / "r").exists()
     out = _torchrun(["trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, 29631)
     assert out.returncode != 0 and "add parallelism=ddp" in out.stderr
+    assert out.stderr.count("trainctl: error:") == 1, "rank 0 reports a problem every rank found"
     out = trainctl(["run", "parallelism.nproc_per_node=2"], cwd=tmp_path, timeout=60)
     assert out.returncode == 2 and "set parallelism=ddp" in out.stderr
 
@@ -102,7 +103,10 @@ def test_sigterm_stops_every_rank_together_and_the_resumed_run_equals_an_uninter
                            after_lines=6)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stop_reason"] == "interrupted" and 0 < summary["steps"] < 40, proc.stderr_text[-3000:]
-    assert proc.returncode != 0
+    assert proc.returncode == 143, "the exit code of an interrupted run, also through torchrun"
+    refused = trainctl(["resume", str(run_dir)], cwd=tmp_path, timeout=120)
+    assert refused.returncode == 2 and "world size: 2 -> 1" in refused.stderr
+    assert "parallelism.nproc_per_node=2" in refused.stderr
     resumed = trainctl(["run", *args, "parallelism.rdzv_endpoint=localhost:29643", "checkpoint.resume=auto",
                         f"hydra.run.dir={run_dir}"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]

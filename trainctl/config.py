@@ -199,6 +199,8 @@ def preflight(overrides: Sequence[str], multirun: bool, base_dir: str, config_na
 
 
 def report_config_error(error: ConfigError) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank finds the same problem: rank 0 says it
+        return
     print(f"trainctl: error: {error}", file=sys.stderr)
 
 
@@ -331,7 +333,8 @@ def _distributed(spec: RunSpec, overrides: List[str], run_dir: Optional[Path], c
         if run_dir is None:
             raise ConfigError("hydra.run.dir", "cannot be decided before the processes start",
                               "set hydra.run.dir=outputs/NAME")
-        code = parallel.self_launch(par, overrides, str(run_dir))
+        summary = _launched_job(spec, run_dir, overrides)
+        code = exit_code(summary)
         if code:
             raise SystemExit(code)
         return True

@@ -164,7 +164,10 @@ class Display:
         if summary.get("checkpoint_error"):
             rows.append(("checkpoint error", summary["checkpoint_error"]))
         if summary["stop_reason"] == "interrupted" and summary.get("last_checkpoint"):
-            rows.append(("continue with", f"trainctl resume {summary.get('run_dir', '')}"))
+            world = summary.get("world_size", 1)
+            rows.append(("continue with", f"trainctl resume {summary.get('run_dir', '')}" if world == 1 else
+                         f"the same command with checkpoint.resume=auto hydra.run.dir={summary.get('run_dir', '')} "
+                         f"({world} processes)"))
         for key, value in rows:
             table.add_row(key, str(value))
         self.console.print(table)

@@ -415,6 +415,7 @@ class Runner:
             "best_metric": state.best_metric, "best_step": state.best_step,
             "final": {k: v for k, v in self.final.items() if k.startswith(("val/", "train/loss"))},
             "steps": state.step, "epochs_completed": state.epoch, "samples_seen": state.samples_seen,
+            "world_size": run.world_size,
             "wall_seconds": round(wall, 3), "train_seconds": round(self._train_seconds(), 3),
             "eval_seconds": round(self.eval_seconds, 3), "checkpoint_seconds": round(self.checkpoint_seconds, 3),
             "samples_per_second": self.session_samples / session_train,
