@@ -84,6 +84,13 @@ def test_a_launch_that_does_not_fit_the_strategy_is_a_clear_error(tmp_path):
     out = _torchrun(["trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path, 29631)
     assert out.returncode != 0 and "add parallelism=ddp" in out.stderr
     assert out.stderr.count("trainctl: error:") == 1, "rank 0 reports a problem every rank found"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "summary.json").write_text('{"status": "done"}')
+    out = _torchrun(["parallelism=ddp", f"hydra.run.dir={old}"], tmp_path, 29632)
+    assert out.returncode != 0 and out.stderr.count("already holds a run") == 1, out.stderr[-2000:]
+    assert "hydra.run.dir: hydra.run.dir" not in out.stderr
+    assert sorted(p.name for p in old.iterdir()) == ["summary.json"], "no rank touched the old run"
     out = trainctl(["run", "parallelism.nproc_per_node=2"], cwd=tmp_path, timeout=60)
     assert out.returncode == 2 and "set parallelism=ddp" in out.stderr
 

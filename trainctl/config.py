@@ -199,7 +199,12 @@ def preflight(overrides: Sequence[str], multirun: bool, base_dir: str, config_na
 
 
 def report_config_error(error: ConfigError) -> None:
-    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank finds the same problem: rank 0 says it
+    if os.environ.get("RANK", "0") != "0":
+        # Under torchrun every rank finds the same problem and rank 0 reports it. torchrun stops the other
+        # ranks as soon as one exits, so this one waits a moment for rank 0 to get its message out.
+        import time
+
+        time.sleep(3)
         return
     print(f"trainctl: error: {error}", file=sys.stderr)
 
@@ -354,7 +359,7 @@ def _distributed(spec: RunSpec, overrides: List[str], run_dir: Optional[Path], c
             if spec.checkpoint.resume != "auto":
                 check_fresh_run_dir(run_dir)
         except ConfigError as error:
-            problem = (error.key, str(error), error.fix)
+            problem = (error.key, error.message, error.fix)
     decided, problem = dist.broadcast((str(run_dir), problem))
     if problem is not None:
         dist.close()
