@@ -133,3 +133,24 @@ def test_max_steps_stops_mid_epoch_and_the_run_evaluates_at_the_end():
     summary = runner.fit()
     assert summary["steps"] == 5 and runner.state.epoch == 0 and runner.state.batch_in_epoch == 5
     assert runner.state.last_eval_step == 5 and "val/acc" in summary["final"]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_the_batch_count_matches_the_batches_every_rank_yields(world):
+    """len() is asked at every step, so it is arithmetic; it must agree with the batches drawn, and
+    under several ranks every rank draws the same number of training batches."""
+    from trainctl.batches import Batches, TensorSource
+
+    for n in (1, 2, 7, 100, 129, 1437):
+        source = TensorSource(torch.zeros(n, 1), torch.zeros(n))
+        for batch_size in (1, 3, 64):
+            for shuffle in (True, False):
+                for drop_last in (True, False):
+                    counts = []
+                    for rank in range(world):
+                        batches = Batches(source, batch_size, shuffle, drop_last, 0, rank=rank, world_size=world)
+                        drawn = list(batches.epoch(0))
+                        assert len(batches) == len(drawn) and all(len(x) for x, _ in drawn)
+                        counts.append(len(drawn))
+                    if shuffle:
+                        assert len(set(counts)) == 1, (n, batch_size, drop_last, counts)

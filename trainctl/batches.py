@@ -84,10 +84,14 @@ class Batches:
         self.num_workers = num_workers
 
     def __len__(self) -> int:
-        if self.world_size > 1:
-            return len(self._chunks(0))
-        n = len(self.source)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        """Batches per epoch on this rank (the runner asks at every step: arithmetic, no permutation)."""
+        n, world = len(self.source), self.world_size
+        if world > 1 and not self.shuffle:  # this rank's contiguous share, see _chunks
+            share = n // world + (1 if self.rank < n % world else 0)
+            return math.ceil(share / self.batch_size)
+        size = self.batch_size * world
+        full, rest = divmod(n, size)
+        return full + (1 if rest and not self.drop_last and rest >= world else 0)
 
     def order(self, epoch: int) -> torch.Tensor:
         n = len(self.source)
@@ -98,7 +102,8 @@ class Batches:
 
     def _chunks(self, epoch: int) -> List[torch.Tensor]:
         if self.world_size > 1 and not self.shuffle:  # evaluation: a contiguous share per rank, nothing dropped
-            return list(self.order(epoch).tensor_split(self.world_size)[self.rank].split(self.batch_size))
+            share = self.order(epoch).tensor_split(self.world_size)[self.rank]
+            return list(share.split(self.batch_size)) if len(share) else []
         world, size = self.world_size, self.batch_size * self.world_size
         chunks = list(self.order(epoch).split(size))
         if chunks and len(chunks[-1]) < size:

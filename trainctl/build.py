@@ -75,6 +75,10 @@ class Run:
     train_model: Optional[torch.nn.Module] = None
     """What the training step calls: the model, or its DDP wrapper (``model`` stays the bare module)."""
 
+    def __post_init__(self) -> None:
+        if self.train_model is None:
+            self.train_model = self.model
+
     @property
     def world_size(self) -> int:
         return self.dist.world_size if self.dist is not None else 1

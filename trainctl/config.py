@@ -370,7 +370,7 @@ def _distributed(spec: RunSpec, overrides: List[str], run_dir: Optional[Path], c
         return False
     from trainctl.job import train
 
-    with parallel.quiet_unless_main(dist):
+    with parallel.quiet():
         summary = train(spec, Path(decided), base_dir, dist)
     dist.close()
     code = exit_code(summary)

@@ -114,6 +114,24 @@ TIMING_KEYS = ("train/samples_per_second", "train/tokens_per_second", "train/ste
 """Readings that measure the machine rather than the math (they differ between identical runs)."""
 
 
+def speed(seconds: float, samples: int, steps: int, data_seconds: float, tokens: Optional[int] = None,
+          memory_mib: Optional[float] = None, flops_per_sample: Optional[float] = None,
+          peak_tflops: Optional[float] = None) -> Dict[str, float]:
+    """Throughput and memory over ``seconds`` of training: per log interval and for the summary."""
+    values = {"samples_per_second": samples / seconds}
+    if tokens is not None:
+        values["tokens_per_second"] = tokens / seconds
+    values["step_seconds"] = seconds / max(1, steps)
+    values["data_wait"] = min(1.0, data_seconds / seconds)
+    if memory_mib is not None:
+        values["peak_memory_mib"] = memory_mib
+    if flops_per_sample:
+        values["tflops"] = flops_per_sample * values["samples_per_second"] / 1e12
+        if peak_tflops:
+            values["mfu"] = values["tflops"] / peak_tflops
+    return values
+
+
 class TrainMeter:
     """Running training loss, gradient norm and throughput between two log readings, accumulated on the
     device. A non-finite value anywhere in the interval makes the sums non-finite, so one check at
@@ -206,20 +224,9 @@ class TrainMeter:
         return values
 
     def throughput(self, seconds: float) -> Dict[str, float]:
-        values = {"train/samples_per_second": self.samples / seconds}
-        if self.tokens:
-            values["train/tokens_per_second"] = self.terms / seconds
-        values["train/step_seconds"] = seconds / max(1, self.steps)
-        values["train/data_wait"] = min(1.0, self.data_seconds / seconds)
-        memory = self.memory() if self.memory else None
-        if memory is not None:
-            values["train/peak_memory_mib"] = memory
-        if self.flops_per_sample:
-            tflops = self.flops_per_sample * values["train/samples_per_second"] / 1e12
-            values["train/tflops"] = tflops
-            if self.peak_tflops:
-                values["train/mfu"] = tflops / self.peak_tflops
-        return values
+        values = speed(seconds, self.samples, self.steps, self.data_seconds, self.terms if self.tokens else None,
+                       self.memory() if self.memory else None, self.flops_per_sample, self.peak_tflops)
+        return {f"train/{key}": value for key, value in values.items()}
 
     def state_dict(self) -> Dict[str, Any]:
         return {"loss_sum": self.loss_sum.cpu(), "norm_sum": self.norm_sum.cpu(), "terms": self.terms,

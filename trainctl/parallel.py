@@ -194,19 +194,6 @@ class Distributed:
         dist.gather_object(obj, out, dst=0)
         return out
 
-    def scatter(self, objs: Optional[List[Any]]) -> Any:
-        """Rank 0's ``objs[r]`` on rank r."""
-        import torch.distributed as dist
-
-        out: List[Any] = [None]
-        dist.scatter_object_list(out, objs if self.is_main else None, src=0)
-        return out[0]
-
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
-
     def close(self) -> None:
         import torch.distributed as dist
 
@@ -216,17 +203,14 @@ class Distributed:
 
 def start(spec: ParallelismSpec, device_type: str) -> Optional[Distributed]:
     """The process group of a launched multi-process job, or None for one process."""
-    if spec.name == "single" or launched_world_size() == 1 and "RANK" not in os.environ:
+    if spec.name == "single" or (launched_world_size() == 1 and "RANK" not in os.environ):
         return None
     return Distributed(spec, device_type)
 
 
 @contextlib.contextmanager
-def quiet_unless_main(dist: Optional[Distributed]) -> Iterator[None]:
-    """Ranks other than 0 log warnings and errors only (rank 0 reports for the job)."""
-    if dist is None or dist.is_main:
-        yield
-        return
+def quiet() -> Iterator[None]:
+    """For ranks other than 0: log warnings and errors only (rank 0 reports for the job)."""
     logger = logging.getLogger("trainctl")
     level = logger.level
     logger.setLevel(logging.WARNING)

@@ -23,7 +23,7 @@ from trainctl.build import Run
 from trainctl.checkpoint import rng_state, set_rng_state
 from trainctl.console import Display
 from trainctl.files import CheckpointError, save_weights, write_json
-from trainctl.metrics import TrainMeter, is_better
+from trainctl.metrics import TrainMeter, is_better, speed
 from trainctl.performance import peak_memory_mib, seconds_since_process_start
 from trainctl.precision import ScaledPrecision
 from trainctl.spec import spec_yaml
@@ -113,7 +113,8 @@ class Runner:
         run = self.run
         terms = sum(run.loss.count(y) for _, y in window)
         window_loss: Optional[torch.Tensor] = None
-        model = run.train_model if run.train_model is not None else run.model
+        model = run.train_model
+        assert model is not None
         for i, (x, y) in enumerate(window):
             # Ranks hold equal shares, so DDP's average of their gradients is the whole window's gradient;
             # they are exchanged once per window, after its last micro-batch.
@@ -418,7 +419,6 @@ class Runner:
             "world_size": run.world_size,
             "wall_seconds": round(wall, 3), "train_seconds": round(self._train_seconds(), 3),
             "eval_seconds": round(self.eval_seconds, 3), "checkpoint_seconds": round(self.checkpoint_seconds, 3),
-            "samples_per_second": self.session_samples / session_train,
             **self._throughput(session_train),
             "skipped_steps": state.skipped_steps, "amp_skipped_steps": run.precision.overflow_skips,
             "last_checkpoint": self.last_checkpoint,
@@ -436,17 +436,13 @@ class Runner:
     def _throughput(self, seconds: float) -> Dict[str, Any]:
         """This session's speed and memory figures for the summary."""
         run = self.run
-        values: Dict[str, Any] = {"step_seconds": seconds / max(1, self.session_steps),
-                                  "data_wait_share": min(1.0, self.meter.session_data_seconds / seconds)}
+        tokens = None
         if run.data.info.task == "lm":  # every sample is one window of seq_len tokens
-            values["tokens_per_second"] = self.session_samples * run.data.info.input_shape[0] / seconds
-        memory = peak_memory_mib(run.device)
-        if memory is not None:
-            values["peak_memory_mib"] = memory
-        if run.flops_per_sample:
-            values["tflops"] = run.flops_per_sample * self.session_samples / seconds / 1e12
-            if run.peak_tflops:
-                values["mfu"] = values["tflops"] / run.peak_tflops
+            tokens = self.session_samples * run.data.info.input_shape[0]
+        values: Dict[str, Any] = speed(seconds, self.session_samples, self.session_steps,
+                                       self.meter.session_data_seconds, tokens, peak_memory_mib(run.device),
+                                       run.flops_per_sample, run.peak_tflops)
+        values["data_wait_share"] = values.pop("data_wait")
         if run.compile_clock is not None:
             values["compile_seconds"] = round(run.compile_clock.seconds, 3)
         values["time_to_first_step_seconds"] = self.first_step_seconds
