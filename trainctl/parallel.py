@@ -129,6 +129,23 @@ def self_launch(spec: ParallelismSpec, overrides: Sequence[str], run_dir: str) -
 
 # --- the process group ----------------------------------------------------------------------------------
 
+def _attempt_store(timeout: "datetime.timedelta"):
+    """The agent's store, scoped to this restart attempt, when torchrun hosts it; None otherwise.
+
+    torchrun's static rendezvous (``--master_port``) keeps one store for the life of the agent and
+    ``init_process_group`` uses it unprefixed, so after an elastic restart the new workers can read the
+    dead workers' gloo addresses and fail to connect. Keys under ``attempt_<restart count>`` cannot
+    collide with an earlier attempt's.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"trainctl/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 class Distributed:
     """This process's place in a DDP job, and the few collectives the runner needs."""
 
@@ -147,7 +164,13 @@ class Distributed:
         if not dist.is_initialized():
             if device_type == "cuda":
                 torch.cuda.set_device(self.local_rank)
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=spec.timeout_minutes))
+            timeout = datetime.timedelta(minutes=spec.timeout_minutes)
+            store = _attempt_store(timeout)
+            if store is None:
+                dist.init_process_group(backend, timeout=timeout)
+            else:
+                dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
+                                        timeout=timeout)
         self.device = torch.device("cuda", self.local_rank) if device_type == "cuda" else torch.device(device_type)
 
     @property
