@@ -52,6 +52,21 @@ def run_then_signal(args: List[str], run_dir: Path, cwd: Path, sig: int, after_l
     return proc
 
 
+def assert_resumed_exactly(run_dir: Path, reference: Path, log_steps: List[int]) -> None:
+    """The resumed run ends with the reference's weights, bit for bit, and logged each step once."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(run_dir / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resuming"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == log_steps, "no duplicated or missing records"
+
+
 @pytest.fixture
 def text_file(tmp_path: Path) -> Path:
     """A small, learnable text: repeated sentences with a few variations (about 20 KB)."""

@@ -98,7 +98,7 @@ def test_a_launch_that_does_not_fit_the_strategy_is_a_clear_error(tmp_path):
 def test_sigterm_stops_every_rank_together_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
     import signal
 
-    from conftest import run_then_signal
+    from conftest import assert_resumed_exactly, run_then_signal
 
     args = [*COMMON, "trainer.max_steps=40", "parallelism=ddp", "parallelism.nproc_per_node=2",
             "model.dropout=0.2"]  # dropout: every rank's own random stream must survive the restart
@@ -117,11 +117,7 @@ def test_sigterm_stops_every_rank_together_and_the_resumed_run_equals_an_uninter
     resumed = trainctl(["run", *args, "parallelism.rdzv_endpoint=localhost:29643", "checkpoint.resume=auto",
                         f"hydra.run.dir={run_dir}"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = load_file(str(run_dir / "model.safetensors")), load_file(str(tmp_path / "reference" / "model.safetensors"))
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs after resuming"
-    steps = [r["step"] for r in _records(run_dir) if "train/loss" in r]
-    assert steps == list(range(2, 41, 2)), "no duplicated or missing records"
+    assert_resumed_exactly(run_dir, tmp_path / "reference", list(range(2, 41, 2)))
 
 
 def test_a_failing_rank_ends_the_job_and_an_elastic_restart_resumes_it_exactly(tmp_path):

@@ -93,6 +93,15 @@ class Batches:
         full, rest = divmod(n, size)
         return full + (1 if rest and not self.drop_last and rest >= world else 0)
 
+    def shortfall(self) -> int:
+        """How many fewer batches this rank has than rank 0, whose share is the largest (validation
+        shares differ by at most one sample)."""
+        if self.world_size == 1 or self.shuffle:
+            return 0
+        n, world = len(self.source), self.world_size
+        share = n // world + (1 if n % world else 0)
+        return math.ceil(share / self.batch_size) - len(self)
+
     def order(self, epoch: int) -> torch.Tensor:
         n = len(self.source)
         if not self.shuffle:

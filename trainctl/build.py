@@ -73,7 +73,10 @@ class Run:
     dist: Optional[Distributed] = None
     """This process's place in a multi-process job (None: one process)."""
     train_model: Optional[torch.nn.Module] = None
-    """What the training step calls: the model, or its DDP wrapper (``model`` stays the bare module)."""
+    """What the training step calls: the model, or its DDP wrapper (``model`` stays the bare module;
+    FSDP shards ``model`` in place, and both are the same module)."""
+    sharded_units: int = 0
+    """FSDP: modules that gather their parameters separately (besides the root)."""
 
     def __post_init__(self) -> None:
         if self.train_model is None:
@@ -86,6 +89,11 @@ class Run:
     @property
     def is_main(self) -> bool:
         return self.dist is None or self.dist.is_main
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: the model, optimizer state and checkpoints are sharded across the ranks."""
+        return self.dist is not None and self.dist.sharded
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,20 +129,26 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
     model = _build_model(spec, info, device, precision, base_dir)
     if rank:  # the same initial weights everywhere (DDP also broadcasts rank 0's), different dropout masks
         torch.manual_seed(spec.trainer.seed + rank)
-    optimizer = build_optimizer(spec.optimizer, param_groups(model, spec.regularization))
     per_epoch, total = total_optimizer_steps(spec, len(bundle.train))
     horizon = Horizon(total, per_epoch)
     train_loss, eval_loss = build_loss(spec.loss, info, spec.regularization.label_smoothing)
     peak = peak_tflops(device, perf)
     # Model FLOPs are counted before activation checkpointing adds its recomputation.
     flops = flops_per_sample(model, train_loss, bundle.train.first()) if peak else None
-    # After the optimizer, so parameter names (weight decay, lr_multipliers) carry no wrapper prefix.
-    wrapped = apply_activation_checkpointing(model, perf, builtin=not is_custom(spec.model))
+    builtin = not is_custom(spec.model)
+    wrapped = apply_activation_checkpointing(model, perf, builtin)
+    units = 0
+    if dist is not None and dist.sharded:  # in place, before compiling and before the optimizer sees parameters
+        from trainctl.sharding import shard_model
+
+        units = shard_model(model, spec.parallelism, dist, precision, builtin)  # type: ignore[arg-type]
     clock = None
     if perf.compile:
         clock = CompileClock().start()
         compile_model(model, perf)
     train_model = dist.wrap(model) if dist is not None else model
+    # Parameter names (weight decay, lr_multipliers) are taken without the wrappers' parts.
+    optimizer = build_optimizer(spec.optimizer, param_groups(model, spec.regularization))
     trainer = spec.trainer
     task = info.task
     callbacks: List[Callback] = []
@@ -151,14 +165,15 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
         scheduler=build_scheduler(spec.scheduler, optimizer, horizon),
         precision=precision,
         clipper=GradClipper(model.parameters(), spec.regularization),
-        evaluator=Evaluator(info, eval_loss, device), horizon=horizon,
+        evaluator=Evaluator(info, eval_loss, device, equal_calls=dist is not None and dist.sharded), horizon=horizon,
         grad_accum_steps=trainer.grad_accum_steps, eval_every_n_epochs=trainer.eval_every_n_epochs,
         eval_every_n_steps=trainer.eval_every_n_steps, log_every_n_steps=spec.logging.log_every_n_steps,
         monitor=spec.monitor(info.task), mode=spec.monitor_mode(info.task),
         optimizer_has_modes=has_train_eval_modes(spec.optimizer),
         skip_nonfinite=trainer.on_nonfinite == "skip", max_consecutive_skips=trainer.max_consecutive_skips,
         callbacks=callbacks, checkpointer=checkpointer, run_dir=run_dir, checkpointed_modules=wrapped,
-        compile_clock=clock, flops_per_sample=flops, peak_tflops=peak, dist=dist, train_model=train_model)
+        compile_clock=clock, flops_per_sample=flops, peak_tflops=peak, dist=dist, train_model=train_model,
+        sharded_units=units)
 
 
 def _build_model(spec: RunSpec, info: data_mod.DataInfo, device: torch.device, precision: Precision,
@@ -197,10 +212,10 @@ def plan(run: Run) -> Dict[str, Any]:
         "gradient accumulation": run.grad_accum_steps,
         "world size": _world_size(run),
         "effective batch size": spec.data.batch_size * run.grad_accum_steps * _world_size(run),
-        "parallelism": spec.parallelism.name + (f" ({run.dist.backend})" if run.dist else ""),
+        "parallelism": _parallelism_plan(run),
         **_steps_plan(run),
         "device": str(run.device),
-        "precision": run.precision.name,
+        "precision": run.precision.name + (f" ({run.precision.policy})" if run.precision.policy else ""),
         "performance": _performance_plan(run),
         "checkpoints": _checkpoint_plan(spec),
         "early stopping": (f"patience {spec.early_stopping.patience} on "
@@ -226,6 +241,17 @@ def _world_size(run: Run) -> int:
     if run.dist is not None or par.name == "single":
         return run.world_size
     return (par.nproc_per_node or 1) * par.nnodes
+
+
+def _parallelism_plan(run: Run) -> str:
+    par = run.spec.parallelism
+    if run.dist is None:
+        return par.name
+    details = [run.dist.backend]
+    if run.sharded:
+        details += [par.sharding, f"{run.sharded_units} units + root"]  # type: ignore[attr-defined]
+        details += ["CPU offload"] if par.cpu_offload else []  # type: ignore[attr-defined]
+    return f"{par.name} ({', '.join(details)})"
 
 
 def _checkpoint_plan(spec: RunSpec) -> str:

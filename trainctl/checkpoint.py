@@ -108,6 +108,11 @@ class Checkpoint:
     def weights(self) -> Path:
         return self.path / "model.safetensors"
 
+    @property
+    def sharded(self) -> bool:
+        """Saved by FSDP: one shard of weights and optimizer state per rank (torch.distributed.checkpoint)."""
+        return bool(self.meta.get("sharded"))
+
 
 def read_checkpoint(path: Path) -> Checkpoint:
     """Verify a checkpoint directory against its marker, then read it (weights are loaded later)."""
@@ -213,15 +218,34 @@ class Checkpointer:
     def save(self, step: int, model: "nn.Module", state: Dict[str, Any], spec_yaml: str,
              meta: Dict[str, Any], best: bool) -> Path:
         """Write, commit, repoint `last` (and `best`), then prune. Raises CheckpointError on I/O failure."""
-        import torch
+        tmp = self.begin(step)
+        try:
+            save_weights(model, tmp / "model.safetensors", {"step": str(step)})
+        except OSError as exc:
+            self.discard(tmp)
+            raise CheckpointError(f"could not save the checkpoint of step {step} in {self.directory}: "
+                                  f"{exc.strerror or exc}") from exc
+        return self.finish(tmp, step, state, spec_yaml, meta, best)
 
-        name = f"step-{step:08d}"
-        tmp = self.directory / f".tmp-{name}-{os.getpid()}"
+    def begin(self, step: int) -> Path:
+        """A fresh temporary directory for the checkpoint of ``step`` (the weights go in first)."""
+        tmp = self.directory / f".tmp-step-{step:08d}-{os.getpid()}"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            save_weights(model, tmp / "model.safetensors", {"step": str(step)})
+        except OSError as exc:
+            raise CheckpointError(f"could not save the checkpoint of step {step} in {self.directory}: "
+                                  f"{exc.strerror or exc}") from exc
+        return tmp
+
+    def finish(self, tmp: Path, step: int, state: Dict[str, Any], spec_yaml: str, meta: Dict[str, Any],
+               best: bool) -> Path:
+        """Add the state beside the weights in ``tmp``, commit it, repoint `last` (and `best`), prune."""
+        import torch
+
+        name = f"step-{step:08d}"
+        try:
             torch.save(state, tmp / "state.pt")
             write_text(tmp / "spec.yaml", spec_yaml)
             write_json(tmp / "meta.json", {**meta, "step": step})
@@ -230,11 +254,15 @@ class Checkpointer:
             if best:
                 point(self.directory / "best", name)
         except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.discard(tmp)
             raise CheckpointError(f"could not save the checkpoint of step {step} in {self.directory}: "
                                   f"{exc.strerror or exc}") from exc
         self.prune()
         return self.directory / name
+
+    @staticmethod
+    def discard(tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def _target(self, pointer: str) -> Optional[str]:
         link = self.directory / pointer

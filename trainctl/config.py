@@ -269,8 +269,13 @@ def _launched_job(spec: RunSpec, run_dir: Path, overrides: List[str]) -> dict:
     import json
 
     from trainctl import parallel
+    from trainctl.resume import check_changes, find_resume_source
 
-    code = parallel.self_launch(spec.parallelism, overrides, str(run_dir))
+    par = spec.parallelism
+    source = find_resume_source(spec, run_dir)  # a checkpoint the ranks cannot use is refused here, once
+    if source is not None:
+        check_changes(source, spec, (par.nproc_per_node or 1) * par.nnodes)
+    code = parallel.self_launch(par, overrides, str(run_dir))
     try:
         return json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):

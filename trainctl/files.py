@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 COMMIT_MARKER = "COMMITTED"
@@ -61,6 +62,16 @@ def save_weights(model: "nn.Module", path: Path, metadata: Dict[str, str]) -> No
     tmp = path.with_name(path.name + ".tmp")
     save_model(model, str(tmp), metadata=metadata)
     os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files private (0600)
+    _commit(tmp, path)
+
+
+def save_state_dict(weights: Dict[str, "torch.Tensor"], path: Path, metadata: Dict[str, str]) -> None:
+    """Weights already gathered into a state dict (no shared tensors), as safetensors."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(weights, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())
     _commit(tmp, path)
 
 

@@ -29,7 +29,14 @@ def train(spec: RunSpec, run_dir: Path, base_dir: str, dist: Optional[Distribute
     source = find_resume_source(spec, run_dir)
     changes = check_changes(source, spec, dist.world_size if dist else 1) if source is not None else []
     run = build_run(spec, run_dir=run_dir, base_dir=base_dir, dist=dist)
-    if source is not None:
+    fresh = None
+    if source is not None and run.sharded:  # every rank reads its shard of the weights and optimizer state
+        from trainctl.optim import optimizer_settings
+        from trainctl.sharding import load_sharded
+
+        fresh = optimizer_settings(run.optimizer)
+        load_sharded(run.model, run.optimizer, source.path)
+    elif source is not None:
         try:
             load_weights(run.model, source.weights)
         except CheckpointError as exc:
@@ -47,7 +54,7 @@ def train(spec: RunSpec, run_dir: Path, base_dir: str, dist: Optional[Distribute
     log.info("run directory: %s", run_dir)
     if source is not None:
         runner.load_state_dict(source.state, new_settings=any(
-            line.startswith(("optimizer.", "regularization.")) for line in changes))
+            line.startswith(("optimizer.", "regularization.")) for line in changes), fresh=fresh)
         runner.last_checkpoint = str(source.path)
         log.info("resuming from %s: step %d, epoch %d, batch %d of the epoch", source.path, runner.state.step,
                  runner.state.epoch, runner.state.batch_in_epoch)
@@ -96,10 +103,16 @@ def evaluate_saved(path: Path, overrides: Sequence[str], base_dir: str) -> Dict[
     run = build_run(spec, base_dir=base_dir)
     weights = ckpt.weights if ckpt is not None else path / "model.safetensors"
     try:
-        load_weights(run.model, weights)
+        if ckpt is not None and ckpt.sharded:  # an FSDP checkpoint: the shards, gathered in this process
+            from trainctl.sharding import load_sharded_weights
+
+            weights = ckpt.path
+            load_sharded_weights(run.model, ckpt.path)
+        else:
+            load_weights(run.model, weights)
     except CheckpointError as exc:
         raise ConfigError(None, str(exc)) from None
-    if ckpt is not None and run.optimizer_has_modes:  # schedule-free: evaluate the averaged weights
+    if ckpt is not None and run.optimizer_has_modes and not ckpt.sharded:  # schedule-free: the averaged weights
         from trainctl.optim import load_optimizer_state
 
         load_optimizer_state(run.optimizer, run.scheduler, ckpt.state["optimizer"], ckpt.state["scheduler"])

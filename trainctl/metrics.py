@@ -42,8 +42,11 @@ def is_better(value: float, best: Optional[float], mode: str) -> bool:
 class Evaluator:
     """Runs the model over the validation batches and returns the task's metrics as floats."""
 
-    def __init__(self, info: "DataInfo", loss: "SumLoss", device: "torch.device") -> None:
+    def __init__(self, info: "DataInfo", loss: "SumLoss", device: "torch.device", equal_calls: bool = False) -> None:
         self.info = info
+        self.equal_calls = equal_calls
+        """FSDP: every rank must call the model as often as the others (each call gathers parameters
+        with them), so a rank with a shorter validation share runs extra one-sample forwards."""
         self.loss = loss
         self.device = device
         self.metrics: Any = None
@@ -93,7 +96,8 @@ class Evaluator:
             self._build()
         was_training = model.training
         model.eval()
-        with torch.inference_mode():
+        # FSDP keeps gathered parameters for the next forward; inference tensors could not be reused
+        with torch.no_grad() if self.equal_calls else torch.inference_mode():
             for x, y in batches.epoch(0):
                 with autocast():
                     outputs = model(x)
@@ -101,6 +105,9 @@ class Evaluator:
                 n = self.loss.count(y)
                 self.loss_mean.update(self.loss(outputs, y) / n, n)
                 self._update(outputs, y)
+            for _ in range(batches.shortfall() if self.equal_calls else 0):
+                with autocast():
+                    model(batches.first()[0][:1])
             results = {"val/loss": self.loss_mean.compute()}
             results.update(self.metrics.compute())
         self.loss_mean.reset()

@@ -298,14 +298,24 @@ RUNNING_GROUP_KEYS = frozenset({"lr", "train_mode", "weight_sum", "lr_max", "k",
 """Param-group entries that are running state (schedule-free averaging, step counters), not settings."""
 
 
-def load_optimizer_state(optimizer: "torch.optim.Optimizer", scheduler: Any, saved_optimizer: Dict[str, Any],
-                         saved_scheduler: Dict[str, Any], new_settings: bool = False) -> None:
+def optimizer_settings(optimizer: "torch.optim.Optimizer") -> List[Dict[str, Any]]:
+    """The hyperparameters of every parameter group (everything but the parameters)."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def load_optimizer_state(optimizer: "torch.optim.Optimizer", scheduler: Any, saved_optimizer: Optional[Dict[str, Any]],
+                         saved_scheduler: Dict[str, Any], new_settings: bool = False,
+                         fresh: Optional[List[Dict[str, Any]]] = None) -> None:
     """Restore optimizer and schedule state from a checkpoint (exactly). With ``new_settings`` (the
     optimizer or regularization settings were changed for the resumed run), the current spec's
     hyperparameters replace the saved ones: a changed peak lr scales the current (scheduled) lr, and
-    other settings (betas, momentum, weight decay) apply from the next step."""
-    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved_optimizer)
+    other settings (betas, momentum, weight decay) apply from the next step.
+
+    ``saved_optimizer`` None: the optimizer state is loaded already (a sharded checkpoint), and
+    ``fresh`` holds the settings it had before."""
+    fresh = fresh or optimizer_settings(optimizer)
+    if saved_optimizer is not None:
+        optimizer.load_state_dict(saved_optimizer)
     scheduler.load_state_dict(saved_scheduler)
     if not new_settings:
         return

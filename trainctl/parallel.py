@@ -1,10 +1,11 @@
 """The `parallelism` config group and everything distributed: reading torchrun's environment, the
 process group, the DDP wrapper, cross-rank agreement, and the rank-0 rules for files and logs.
 
-One process (`single`) is the default. `ddp` runs one process per device under torchrun, either
-launched by the user (`torchrun --nproc_per_node=N -m trainctl run parallelism=ddp`) or by trainctl
-itself (`parallelism.nproc_per_node=N`, see :func:`torchrun_command`). Every rank trains the same
-frozen spec in the same run directory; only rank 0 writes files and logs.
+One process (`single`) is the default. `ddp` and `fsdp` run one process per device under torchrun,
+either launched by the user (`torchrun --nproc_per_node=N -m trainctl run parallelism=ddp`) or by
+trainctl itself (`parallelism.nproc_per_node=N`, see :func:`torchrun_command`). Every rank trains the
+same frozen spec in the same run directory; only rank 0 writes files and logs. What is particular to
+FSDP (sharding the model, sharded checkpoints) lives in :mod:`trainctl.sharding`.
 
 The spec and its checks are torch-free; the rest imports torch when called.
 """
@@ -16,7 +17,7 @@ import datetime
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence
 
 from trainctl.errors import ConfigError, check, check_choice
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trainctl")
 
-STRATEGIES = ("single", "ddp")
+STRATEGIES = ("single", "ddp", "fsdp")
+SHARDING = ("full_shard", "shard_grad_op", "no_shard", "hybrid")
 BACKENDS = ("auto", "gloo", "nccl")
 LAUNCHED_BY_TRAINCTL = "TRAINCTL_LAUNCHED"
 """Set in the environment of the ranks trainctl starts, so they do not start torchrun again."""
@@ -38,7 +40,8 @@ class ParallelismSpec:
     """How many processes train, and how they are started."""
 
     name: str = "single"
-    """single (one process) or ddp (DistributedDataParallel, one process per device, under torchrun)."""
+    """single (one process), ddp (DistributedDataParallel) or fsdp (fully sharded data parallel);
+    ddp and fsdp run one process per device, under torchrun."""
     backend: str = "auto"
     """Process-group backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl."""
     nproc_per_node: Optional[int] = None
@@ -61,12 +64,53 @@ class ParallelismSpec:
         check_choice(self.backend, BACKENDS, f"{key}.backend")
         check(self.nproc_per_node is None or self.nproc_per_node >= 1, f"{key}.nproc_per_node", "must be >= 1")
         check(self.nproc_per_node is None or self.name != "single", f"{key}.nproc_per_node",
-              "starting several processes needs a distributed strategy", "set parallelism=ddp")
+              "starting several processes needs a distributed strategy", "set parallelism=ddp (or fsdp)")
         check(self.nnodes >= 1, f"{key}.nnodes", "must be >= 1")
         check(0 <= self.node_rank < self.nnodes, f"{key}.node_rank", f"must be in 0..{self.nnodes - 1}")
         check(self.max_restarts >= 0, f"{key}.max_restarts", "must be >= 0")
         check(self.timeout_minutes > 0, f"{key}.timeout_minutes", "must be > 0")
         check(":" in self.rdzv_endpoint, f"{key}.rdzv_endpoint", "must be host:port", "e.g. node0.cluster:29500")
+
+    @property
+    def sharded(self) -> bool:
+        return False
+
+
+@dataclass
+class FSDPSpec(ParallelismSpec):
+    """Fully sharded data parallel (FSDP2, ``fully_shard``): each rank keeps a shard of the parameters,
+    gradients and optimizer state, and gathers a unit's parameters only while it runs."""
+
+    name: str = "fsdp"
+    sharding: str = "full_shard"
+    """full_shard (parameters resharded after forward), shard_grad_op (kept gathered from forward to
+    backward: faster, more memory), no_shard (replicated, like DDP), hybrid (sharded within a group of
+    `hybrid_shard_size` processes, replicated across groups)."""
+    wrap_modules: List[str] = field(default_factory=list)
+    """Units that gather their parameters separately: empty for the model's blocks (GPT blocks, CNN
+    stages, MLP layers, or the entries of a custom model's outermost ModuleLists); otherwise shell-style
+    patterns of module names or class names (`encoder.layers.*`, `TransformerBlock`)."""
+    cpu_offload: bool = False
+    """Keep the sharded parameters, gradients and optimizer step on the CPU (for models that do not fit
+    on the devices)."""
+    hybrid_shard_size: Optional[int] = None
+    """Processes per shard group for sharding=hybrid; null: the processes of one node."""
+
+    def validate(self, key: str = "parallelism") -> None:
+        super().validate(key)
+        check_choice(self.sharding, SHARDING, f"{key}.sharding")
+        check(self.hybrid_shard_size is None or self.hybrid_shard_size >= 1, f"{key}.hybrid_shard_size",
+              "must be >= 1 or null")
+        check(self.hybrid_shard_size is None or self.sharding == "hybrid", f"{key}.hybrid_shard_size",
+              "only applies to sharding=hybrid", f"set {key}.sharding=hybrid or {key}.hybrid_shard_size=null")
+
+    @property
+    def sharded(self) -> bool:
+        return True
+
+
+SPECS = {"single": ParallelismSpec, "ddp": ParallelismSpec, "fsdp": FSDPSpec}
+"""The schema of each `parallelism` option."""
 
 
 # --- launching ----------------------------------------------------------------------------------------
@@ -147,7 +191,7 @@ def _attempt_store(timeout: "datetime.timedelta"):
 
 
 class Distributed:
-    """This process's place in a DDP job, and the few collectives the runner needs."""
+    """This process's place in a DDP or FSDP job, and the few collectives the runner needs."""
 
     def __init__(self, spec: ParallelismSpec, device_type: str) -> None:
         import torch
@@ -177,16 +221,32 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP: parameters, gradients, optimizer state and checkpoints are sharded across ranks."""
+        return self.spec.sharded
+
     def wrap(self, model: "nn.Module") -> "nn.Module":
+        """The module the training step calls: DDP's wrapper (FSDP shards the model in place instead,
+        see :func:`trainctl.sharding.shard_model`)."""
+        if self.sharded:
+            return model
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.local_rank] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
-    @staticmethod
-    def no_sync(model: "nn.Module", final: bool) -> Any:
-        """Skip the gradient all-reduce on every micro-batch of a window but the last."""
+    def no_sync(self, model: "nn.Module", final: bool) -> Any:
+        """Skip the gradient reduction on every micro-batch of a window but the last."""
+        if self.sharded:  # FSDP2's switch; the window's last micro-batch reduce-scatters the sum
+            model.set_requires_gradient_sync(final)  # type: ignore[operator]
+            return contextlib.nullcontext()
         return contextlib.nullcontext() if final else model.no_sync()  # type: ignore[operator]
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
 
     def sum(self, tensor: "torch.Tensor") -> "torch.Tensor":
         import torch.distributed as dist

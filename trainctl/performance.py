@@ -72,30 +72,35 @@ class PerformanceSpec:
 
 def checkpointed_modules(model: "nn.Module", spec: PerformanceSpec, builtin: bool) -> List["nn.Module"]:
     """The outermost modules whose activations are recomputed in backward."""
-    from torch import nn
-
     if spec.activation_checkpointing == "none":
         return []
     if spec.activation_checkpointing == "blocks":
-        if builtin:
-            return list(model.blocks)  # type: ignore[arg-type]
-        lists = _outermost(model, lambda name, m: isinstance(m, nn.ModuleList))
-        chosen = [m for lst in lists for m in lst]
-        if not chosen:
-            raise ConfigError("performance.activation_checkpointing",
-                              "blocks checkpoints the entries of the model's ModuleLists, and this model has none",
-                              "set performance.activation_checkpointing=modules and "
-                              "performance.checkpoint_modules=[PATTERN]")
-        return chosen
-    patterns = spec.checkpoint_modules
+        return blocks_of(model, builtin, "performance.activation_checkpointing",
+                         "set performance.activation_checkpointing=modules and performance.checkpoint_modules=[PATTERN]")
+    return matching_modules(model, spec.checkpoint_modules, "performance.checkpoint_modules")
 
-    def matches(name: str, module: nn.Module) -> bool:
+
+def blocks_of(model: "nn.Module", builtin: bool, key: str, fix: str) -> List["nn.Module"]:
+    """A built-in model's blocks (GPT blocks, CNN stages, MLP layers), or the entries of a custom
+    model's outermost ModuleLists."""
+    from torch import nn
+
+    if builtin:
+        return list(model.blocks)  # type: ignore[arg-type]
+    chosen = [m for lst in _outermost(model, lambda name, m: isinstance(m, nn.ModuleList)) for m in lst]
+    if not chosen:
+        raise ConfigError(key, "blocks are the entries of the model's ModuleLists, and this model has none", fix)
+    return chosen
+
+
+def matching_modules(model: "nn.Module", patterns: List[str], key: str) -> List["nn.Module"]:
+    """The outermost modules whose name or class name matches one of the shell-style ``patterns``."""
+    def matches(name: str, module: Any) -> bool:
         return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(type(module).__name__, p) for p in patterns)
     chosen = _outermost(model, matches)
     if not chosen:
         names = [n for n, _ in model.named_modules() if n][:6]
-        raise ConfigError("performance.checkpoint_modules", f"{patterns} matches no module of the model "
-                          f"(names look like: {', '.join(names)})",
+        raise ConfigError(key, f"{patterns} matches no module of the model (names look like: {', '.join(names)})",
                           "fix the patterns (shell-style names such as 'blocks.*', or class names)")
     return chosen
 

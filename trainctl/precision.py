@@ -82,6 +82,8 @@ class Precision:
         self.overflow = False
         """Whether the last step was skipped by the loss scaler (gradients overflowed)."""
         self.overflow_skips = 0
+        self.policy: Optional[str] = None
+        """Set when another mechanism stands in for autocast (FSDP's mixed-precision policy)."""
 
     def convert_model(self, model: "torch.nn.Module") -> "torch.nn.Module":
         """Put the model's parameters in the policy's storage dtype (before the optimizer is built)."""

@@ -49,11 +49,13 @@ def param_groups(model: "nn.Module", spec: RegularizationSpec) -> List[dict]:
     """Trainable parameters split into a decayed and a non-decayed group (names kept for later splits)."""
     decay: dict = {"names": [], "params": [], "weight_decay": spec.weight_decay}
     no_decay: dict = {"names": [], "params": [], "weight_decay": 0.0}
+    from trainctl.performance import clean_name
+
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         group = no_decay if spec.exclude_bias_and_norm and param.ndim < 2 else decay
-        group["names"].append(name)
+        group["names"].append(clean_name(name))
         group["params"].append(param)
     return [g for g in (decay, no_decay) if g["params"]]
 
@@ -77,7 +79,7 @@ class GradClipper:
         if self.clip_value is not None:
             torch.nn.utils.clip_grad_value_(self.params, self.clip_value, foreach=True)
         if self.max_grad_norm is not None:
-            return torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
+            return _full(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True))
         return None
 
     def total_norm(self) -> "torch.Tensor":
@@ -87,4 +89,9 @@ class GradClipper:
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return torch.zeros(())
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        return _full(torch.nn.utils.get_total_norm([g.float() for g in grads], foreach=True))
+
+
+def _full(norm: "torch.Tensor") -> "torch.Tensor":
+    """A norm over FSDP's sharded gradients is a DTensor; the global value as a plain tensor."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

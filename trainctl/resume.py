@@ -22,6 +22,7 @@ from trainctl.files import CheckpointError
 from trainctl.loss import LOSSES
 from trainctl.model import MODELS
 from trainctl.optim import OPTIMIZERS
+from trainctl.parallel import SPECS as PARALLELISM_SPECS
 from trainctl.precision import PRECISIONS
 from trainctl.schedule import SCHEDULERS
 from trainctl.spec import RunSpec, load_spec, spec_yaml
@@ -68,6 +69,10 @@ def check_changes(source: Checkpoint, spec: RunSpec, world_size: int = 1) -> Lis
     """Refuse unusable changes (ConfigError listing them); return the allowed ones."""
     saved_world = int(source.meta.get("world_size", 1))
     refused, allowed = spec_changes(source.spec_yaml, spec, (saved_world, world_size))
+    if source.sharded != spec.parallelism.sharded:
+        kinds = ("sharded (parallelism=fsdp)", "whole (parallelism=single or ddp)")
+        saved_kind, kind = (kinds if source.sharded else kinds[::-1])
+        refused.append(f"checkpoint format: {saved_kind} -> {kind}")
     if refused:
         fix = "drop those overrides, or start a new run (a new hydra.run.dir without checkpoint.resume)"
         if saved_world != world_size:
@@ -112,7 +117,10 @@ def _typed(saved: DictConfig) -> DictConfig:
         except ConfigError as exc:
             raise ConfigError(f"{group}.name", f"the saved spec names {exc.message}") from None
         cfg[group] = OmegaConf.merge(OmegaConf.structured(entry.spec), node)
-    rest = {k: v for k, v in saved.items() if k not in GROUPS}
+    parallelism = saved.get("parallelism")
+    if parallelism is not None and parallelism.get("name") in PARALLELISM_SPECS:
+        cfg.parallelism = OmegaConf.merge(OmegaConf.structured(PARALLELISM_SPECS[parallelism.name]), parallelism)
+    rest = {k: v for k, v in saved.items() if k not in GROUPS and k != "parallelism"}
     return OmegaConf.merge(cfg, rest)
 
 

@@ -304,16 +304,25 @@ class Runner:
         meta = {"trainctl_version": __version__, "torch_version": torch.__version__, "world_size": run.world_size,
                 "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "samples_seen": state.samples_seen,
                 "monitor": run.checkpointer.monitor, "metric": self.final.get(run.checkpointer.monitor)}
-        saved = self.state_dict()  # under DDP a collective: it gathers every rank's RNG state
+        saved = self.state_dict()  # under DDP/FSDP a collective: it gathers every rank's RNG state
+        if run.is_main:
+            self._spec_yaml = self._spec_yaml or spec_yaml(run.spec)  # ~50 ms to render: once per run
         outcome: Tuple[Optional[str], Optional[str]] = (None, None)  # (path, error)
-        if run.is_main:  # rank 0 writes; the others learn how it went, so all stop or go on together
-            try:
-                self._spec_yaml = self._spec_yaml or spec_yaml(run.spec)  # ~50 ms to render: once per run
-                outcome = (str(run.checkpointer.save(state.step, run.model, saved, self._spec_yaml, meta, best)), None)
-            except CheckpointError as exc:
-                outcome = (None, str(exc))
-        if run.dist is not None:
-            outcome = run.dist.broadcast(outcome)
+        if run.sharded:  # every rank writes its shard
+            from trainctl.sharding import save_checkpoint
+
+            assert run.dist is not None
+            outcome = save_checkpoint(run.checkpointer, run.dist, run.model, run.optimizer, state.step, saved,
+                                      self._spec_yaml, meta, best)
+        else:  # rank 0 writes; the others learn how it went, so all stop or go on together
+            if run.is_main:
+                try:
+                    outcome = (str(run.checkpointer.save(state.step, run.model, saved, self._spec_yaml or "", meta,
+                                                         best)), None)
+                except CheckpointError as exc:
+                    outcome = (None, str(exc))
+            if run.dist is not None:
+                outcome = run.dist.broadcast(outcome)
         path, error = outcome
         if error is not None:
             self.checkpoint_error = error
@@ -335,13 +344,16 @@ class Runner:
     def state_dict(self) -> Dict[str, Any]:
         """Everything besides the weights that a resumed run needs to continue exactly."""
         run = self.run
-        return {
-            "run": self.state.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "precision": run.precision.state_dict(),
+        saved = {
+            "run": self.state.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "precision": run.precision.state_dict(),
             "checkpointer": run.checkpointer.state_dict() if run.checkpointer else {},
             "callbacks": {c.name: c.state_dict() for c in run.callbacks},
             "meter": self.meter.state_dict(), "rng": self._rng_states(),
         }
+        if not run.sharded:  # FSDP's optimizer state is sharded, beside the weights
+            saved["optimizer"] = run.optimizer.state_dict()
+        return saved
 
     def _rng_states(self) -> Any:
         """This process's RNG state; under DDP every rank's, as a list on rank 0 (each rank draws its own
@@ -350,14 +362,17 @@ class Runner:
             return rng_state()
         return self.run.dist.gather(rng_state())
 
-    def load_state_dict(self, saved: Dict[str, Any], new_settings: bool = False) -> None:
-        """Restore a checkpoint's state (the weights are loaded separately, before this).
+    def load_state_dict(self, saved: Dict[str, Any], new_settings: bool = False,
+                        fresh: Optional[List[Dict[str, Any]]] = None) -> None:
+        """Restore a checkpoint's state (the weights are loaded separately, before this; under FSDP the
+        optimizer state too, and ``fresh`` holds the optimizer settings from before that load).
         ``new_settings``: the optimizer settings changed since the save; apply the new ones."""
         from trainctl.optim import load_optimizer_state
 
         run = self.run
         self.state.load_state_dict(saved["run"])
-        load_optimizer_state(run.optimizer, run.scheduler, saved["optimizer"], saved["scheduler"], new_settings)
+        load_optimizer_state(run.optimizer, run.scheduler, saved.get("optimizer"), saved["scheduler"], new_settings,
+                             fresh)
         run.precision.load_state_dict(saved["precision"])
         if run.checkpointer is not None and saved.get("checkpointer"):
             run.checkpointer.load_state_dict(saved["checkpointer"])
@@ -421,6 +436,7 @@ class Runner:
             "eval_seconds": round(self.eval_seconds, 3), "checkpoint_seconds": round(self.checkpoint_seconds, 3),
             **self._throughput(session_train),
             "skipped_steps": state.skipped_steps, "amp_skipped_steps": run.precision.overflow_skips,
+            "training_state_mib": self._training_state(),
             "last_checkpoint": self.last_checkpoint,
             "run_dir": str(run.run_dir) if run.run_dir else None,
             "trainctl_version": __version__, "torch_version": torch.__version__,
@@ -432,6 +448,15 @@ class Runner:
         if error is not None and not isinstance(error, KeyboardInterrupt):
             summary["error"] = f"{type(error).__name__}: {error}"
         return summary
+
+    def _training_state(self) -> Optional[Dict[str, float]]:
+        """Parameters, gradients and optimizer state held by this process (rank 0's under DDP/FSDP)."""
+        from trainctl.sharding import state_mib
+
+        try:
+            return state_mib(self.run.model, self.run.optimizer)
+        except (RuntimeError, AttributeError):  # an optimizer keeping its state in another form
+            return None
 
     def _throughput(self, seconds: float) -> Dict[str, Any]:
         """This session's speed and memory figures for the summary."""
@@ -449,18 +474,31 @@ class Runner:
         values["activation_checkpointed_modules"] = run.checkpointed_modules
         return values
 
+    def _save_final_weights(self, path: Any, together: bool) -> None:
+        """``model.safetensors`` of the run directory: written by rank 0; under FSDP gathered from every
+        rank first, which needs them all here (``together``: not on the way out of an exception)."""
+        run = self.run
+        meta = {"trainctl_version": __version__, "step": str(self.state.step)}
+        try:
+            if run.sharded:
+                if not together:
+                    return
+                from trainctl.sharding import export_weights
+
+                export_weights(run.model, path, meta, run.is_main)
+            elif run.is_main:
+                save_weights(run.model, path, meta)
+        except OSError as exc:
+            log.error("could not write %s: %s", path, exc.strerror or exc)
+
     def _finish(self, error: Optional[BaseException] = None) -> Dict[str, Any]:
         run, state = self.run, self.state
         if error is None:
             for callback in run.callbacks:
                 callback.on_fit_end(state, run.model)
         self._optimizer_mode("eval")  # schedule-free: the saved weights are the averaged ones
-        if run.run_dir is not None and run.is_main and state.stop_reason not in ("diverged", "failed"):
-            try:
-                save_weights(run.model, run.run_dir / "model.safetensors",
-                             {"trainctl_version": __version__, "step": str(state.step)})
-            except OSError as exc:
-                log.error("could not write %s: %s", run.run_dir / "model.safetensors", exc.strerror or exc)
+        if run.run_dir is not None and state.stop_reason not in ("diverged", "failed"):
+            self._save_final_weights(run.run_dir / "model.safetensors", error is None)
         summary = self.summary(error)
         if run.compile_clock is not None:
             run.compile_clock.close()

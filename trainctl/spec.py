@@ -27,6 +27,7 @@ from trainctl.loss import LOSSES, LossSpec, loss_problem
 from trainctl.metrics import MODE_OF, VAL_METRICS, default_monitor
 from trainctl.model import MODELS, is_custom, task_compatible, validate_model
 from trainctl.optim import OPTIMIZERS, OptimizerSpec
+from trainctl.parallel import SPECS as PARALLELISM_SPECS
 from trainctl.parallel import ParallelismSpec
 from trainctl.performance import PerformanceSpec
 from trainctl.precision import PRECISIONS, PrecisionSpec
@@ -160,6 +161,10 @@ class RunSpec:
             check(node.monitor == "auto" or node.monitor in VAL_METRICS[task], f"{key}.monitor",
                   f"'{node.monitor}' is not reported for {task} data; choose from {', '.join(VAL_METRICS[task])}",
                   f"set {key}.monitor=auto")
+        check(not (self.parallelism.sharded and self.early_stopping.restore_best_weights),
+              "early_stopping.restore_best_weights", "is not available with parallelism=fsdp (the weights are "
+              "sharded across the processes)", "set early_stopping.restore_best_weights=false and use the "
+              "checkpoint checkpoints/best (`trainctl eval RUN_DIR/checkpoints/best`)")
         check(not self.early_stopping.enabled or bool(evaluates), "early_stopping.patience",
               "early stopping counts evaluations, but evaluation is off", "set trainer.eval_every_n_epochs=1")
         if SCHEDULERS.get(self.scheduler.name).monitors:
@@ -258,6 +263,8 @@ def register_configs() -> None:
                             ("scheduler", SCHEDULERS), ("precision", PRECISIONS), ("loss", LOSSES)):
         for name, entry in registry.items():
             store.store(group=f"schema/{group}", name=name, node=entry.spec)
+    for name, schema in PARALLELISM_SPECS.items():
+        store.store(group="schema/parallelism", name=name, node=schema)
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
     _registered = True
