@@ -1,4 +1,4 @@
-"""The `trainctl` command: `run` (a Hydra app), `show`, `recipes`.
+"""The `trainctl` command: `run` (a Hydra app), `resume`, `eval`, `show`, `recipes`, `report`.
 
 Only the standard library and rich are imported up front, so `trainctl --help` answers at once;
 Hydra is imported by the commands that compose configs, torch only by those that build a model.
@@ -28,6 +28,9 @@ commands:
                          (PATH = RUN_DIR/checkpoints/best, .../last, .../step-N) on the validation split
   show [OVERRIDES...]    print the resolved run spec and the plan (parameters, batch, steps) without training
   recipes                list the curated experiments (`trainctl run +recipe=NAME`)
+  report PATH... [--format table|json] [-o DIR] [--metric M] [--no-plots]
+                         compare the runs of a sweep (or run directories, or a glob) in one table,
+                         sorted by the optimized metric; writes report.md and PNG plots
 
 options:
   -h, --help             this help; `trainctl run --help` lists the config groups and their options
@@ -38,7 +41,7 @@ Exit codes: 0 finished (also early-stopped), 1 failed, diverged or checkpoint fa
 Set TRAINCTL_DEBUG=1 (or HYDRA_FULL_ERROR=1) to see tracebacks.
 """
 
-COMMANDS = ("run", "resume", "eval", "show", "recipes")
+COMMANDS = ("run", "resume", "eval", "show", "recipes", "report")
 
 
 def _debug() -> bool:
@@ -179,6 +182,41 @@ def cmd_recipes(argv: Sequence[str]) -> None:
         print(f"{name}\n" + "\n".join(f"    {line}" for line in header.splitlines()) + "\n")
 
 
+def cmd_report(argv: Sequence[str]) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="trainctl report", description="Compare runs: a sweep directory "
+                                     "(`trainctl run -m` prints it), run directories or a glob such as "
+                                     "'outputs/2026-*/*'. One row per run, sorted by the optimized metric, the best "
+                                     "highlighted; report.md and PNG plots are written next to the runs. A single "
+                                     "run gets its summary and curves; runs still in progress are included.")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="sweep directory, run directory or glob")
+    parser.add_argument("--format", choices=("table", "json"), default="table", help="table (default) or json")
+    parser.add_argument("-o", "--output", help="where report.md and the plots go (default: the directory "
+                        "given, or the directory that holds all the runs)")
+    parser.add_argument("--metric", help="sort by this instead of the runs' optimized_metric, e.g. val/loss "
+                        "or final:val/acc")
+    parser.add_argument("--no-plots", action="store_true", help="write report.md only")
+    args = parser.parse_args(argv)
+    from trainctl import report as reporting
+
+    dirs = reporting.find_runs(args.paths)
+    report = reporting.build_report(dirs, args.metric)
+    given = Path(args.paths[0])
+    out_dir = Path(args.output) if args.output else given if len(args.paths) == 1 and given.is_dir() else report.root
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files, note = reporting.write_report(report, out_dir, plots=not args.no_plots)
+    except OSError as exc:
+        raise ConfigError(None, f"cannot write the report into {out_dir}: {exc.strerror or exc}",
+                          "choose a directory you can write to with -o DIR") from None
+    if args.format == "json":
+        print(json.dumps(reporting.to_json(report, files, note), indent=2))
+    else:
+        reporting.print_table(report, files, note)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -194,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(EXIT_CONFIG)
     try:
         {"run": cmd_run, "resume": cmd_resume, "eval": cmd_eval, "show": cmd_show,
-         "recipes": cmd_recipes}[command](rest)
+         "recipes": cmd_recipes, "report": cmd_report}[command](rest)
     except ConfigError as error:
         if _debug():
             raise

@@ -13,21 +13,30 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig
 
-from trainctl.errors import EXIT_CONFIG, ConfigError, did_you_mean, exit_code, suggestion
+from trainctl.errors import EXIT_CONFIG, EXIT_FAILED, ConfigError, did_you_mean, exit_code, suggestion
 from trainctl.spec import CONF_DIR, RunSpec, load_spec, register_configs, unknown_keys
 
 CONFIG_NAME = "train"
+
+
+def _register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from trainctl.sweep import TrainConfig
+
+    register_configs()
+    ConfigStore.instance().store(name="train_config", node=TrainConfig)
 
 
 @contextlib.contextmanager
 def _hydra() -> Iterator[None]:
     from hydra import initialize_config_dir
 
-    register_configs()
+    _register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="trainctl"):
         yield
 
@@ -42,7 +51,14 @@ def compose_spec(overrides: Sequence[str], base_dir: str, config_name: str = CON
     """Compose and validate; any problem is raised as a ConfigError naming the key and the fix."""
     with _hydra():
         cfg = _checked(lambda: _compose(overrides, config_name), overrides, config_name)
-        return cfg, load_spec(cfg, base_dir)
+        return cfg, load_run(cfg, base_dir)[0]
+
+
+def load_run(cfg: DictConfig, base_dir: str) -> Tuple[RunSpec, str]:
+    """(validated run spec, optimized metric) of a composed `trainctl run` config."""
+    from trainctl.sweep import split
+
+    return split(load_spec(cfg, base_dir))
 
 
 def _checked(compose: Callable[[], DictConfig], overrides: Sequence[str], config_name: str) -> DictConfig:
@@ -82,10 +98,15 @@ def translate(exc: BaseException, overrides: Sequence[str], config_name: str = C
     cause = exc.__cause__
     missing = re.search(r"Could not find '([^']+)'", text)
     if isinstance(exc, MissingConfigException) and missing and "/" in missing.group(1):
+        from trainctl.sweep import missing_plugin
+
         group, option = missing.group(1).rsplit("/", 1)
+        plugin = missing_plugin(group, option)
+        if plugin is not None:
+            return plugin
         options = group_options(group)
         close = did_you_mean(option, options, 1) or options[:1]
-        plus = "+" if group == "recipe" else ""
+        plus = "+" if group in ("recipe", "sweep") else ""
         return ConfigError(group, f"unknown option '{option}'.{suggestion(option, options)} "
                            f"Available: {', '.join(options) or '(none)'}", f"set {plus}{group}={close[0]}"
                            if close else None)
@@ -174,28 +195,23 @@ def preflight(overrides: Sequence[str], multirun: bool, base_dir: str, config_na
             if override.startswith("hydra.run.dir=") and spec.checkpoint.resume != "auto":
                 check_fresh_run_dir(Path(base_dir, override.split("=", 1)[1]))
         return
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
+    from trainctl.sweep import check_sweep
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(plain)
-    except OverrideParseException as exc:
-        raise translate(exc, plain) from None
-    options: List[List[str]] = []
-    for override in parsed:
-        if not override.is_sweep_override():
-            options.append([override.input_line])
-            continue
-        try:
-            values = list(override.sweep_string_iterator())
-        except Exception:  # interval()/range sweeps over floats are sampled by the sweeper itself
-            continue
-        options.append([f"{override.get_key_element()}={v}" for v in values])
-    base = [values[0] for values in options if values]
-    compose_spec(base, base_dir, config_name)
-    for i, values in enumerate(options):
-        for value in values[1:]:
-            compose_spec(base[:i] + [value] + base[i + 1:], base_dir, config_name)
+    check_sweep(overrides, plain, base_dir, config_name)
+
+
+def compose_hydra(overrides: Sequence[str], config_name: str = CONFIG_NAME) -> DictConfig:
+    """The `hydra` node as a sweep of ``overrides`` will see it (a launcher or sweeper whose plugin is
+    missing fails here)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    with _hydra():
+        hydra = GlobalHydra.instance().hydra
+        assert hydra is not None
+        cfg = _checked(lambda: hydra.compose_config(config_name, list(overrides), run_mode=RunMode.MULTIRUN,
+                                                    with_log_configuration=False), overrides, config_name)
+        return cfg.hydra
 
 
 def report_config_error(error: ConfigError) -> None:
@@ -226,42 +242,50 @@ def check_fresh_run_dir(run_dir: Path) -> None:
                           "or choose a new directory, e.g. hydra.run.dir=outputs/my-run-2")
 
 
-def task(cfg: DictConfig) -> Optional[float]:
-    """What Hydra runs for each job: validate, train, return the best monitored metric (for sweepers)."""
+def task(cfg: DictConfig) -> Any:
+    """What Hydra runs for each job: validate, train, return the value of `optimized_metric` (for
+    sweepers). In a sweep a failed job is recorded and returns a `FailedJob`, so the sweep goes on."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     base_dir = get_original_cwd()
-    sweep = HydraConfig.get().mode.name == "MULTIRUN"
+    overrides = list(HydraConfig.get().overrides.task)
+    if HydraConfig.get().mode.name == "MULTIRUN":
+        from trainctl.sweep import run_job
+
+        return run_job(lambda: _train_job(cfg, run_dir, base_dir, overrides), run_dir)
     try:
-        spec = load_spec(cfg, base_dir)
-        if spec.checkpoint.resume != "auto":
-            check_fresh_run_dir(run_dir)
-        from trainctl import parallel
-
-        parallel.check_launch(spec.parallelism)
-        if parallel.should_self_launch(spec.parallelism):  # a sweep job of several processes
-            summary = _launched_job(spec, run_dir, list(HydraConfig.get().overrides.task))
-        else:
-            from trainctl.job import train
-
-            dist = _DIST.pop("current", None)
-            summary = train(spec, run_dir, base_dir, dist)
-            if dist is not None:
-                dist.close()
+        summary, metric = _train_job(cfg, run_dir, base_dir, overrides)
     except ConfigError as error:
         _discard_if_untouched(run_dir)
-        if sweep:
-            raise
         report_config_error(error)
         raise SystemExit(EXIT_CONFIG) from None
     code = exit_code(summary)
-    if summary["stop_reason"] == "interrupted":
-        raise SystemExit(code)  # also ends a sweep: Ctrl-C means stop
-    if code and not sweep:
+    if code:
         raise SystemExit(code)
-    return summary["best_metric"]
+    from trainctl.runs import objective_value
+
+    return objective_value(run_dir, metric)
+
+
+def _train_job(cfg: DictConfig, run_dir: Path, base_dir: str, overrides: List[str]) -> Tuple[dict, str]:
+    """Validate and train one job in ``run_dir``: (its summary, its optimized metric)."""
+    spec, metric = load_run(cfg, base_dir)
+    if spec.checkpoint.resume != "auto":
+        check_fresh_run_dir(run_dir)
+    from trainctl import parallel
+
+    parallel.check_launch(spec.parallelism)
+    if parallel.should_self_launch(spec.parallelism):  # a sweep job of several processes
+        return _launched_job(spec, run_dir, overrides), metric
+    from trainctl.job import train
+
+    dist = _DIST.pop("current", None)
+    summary = train(spec, run_dir, base_dir, dist)
+    if dist is not None:
+        dist.close()
+    return summary, metric
 
 
 def _launched_job(spec: RunSpec, run_dir: Path, overrides: List[str]) -> dict:
@@ -305,7 +329,7 @@ def run_single(overrides: Sequence[str], base_dir: str, config_name: str = CONFI
         task_cfg = cfg.copy()
         with open_dict(task_cfg):
             del task_cfg["hydra"]
-        spec = load_spec(task_cfg, base_dir)
+        spec = load_run(task_cfg, base_dir)[0]
         try:
             run_dir: Optional[Path] = Path(base_dir, str(cfg.hydra.run.dir))
         except Exception:  # a directory naming runtime values; the task checks it once they exist
@@ -392,7 +416,11 @@ def run_hydra(argv: Sequence[str]) -> None:
     """Hand a `trainctl run` command line to Hydra (sweeps, --cfg, --info, launchers, ...)."""
     import hydra
 
-    register_configs()
+    from trainctl.sweep import FAILED_JOBS
+
+    _register()
     main = hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")(task)
     sys.argv = ["trainctl", *argv]
     main()
+    if FAILED_JOBS:  # every job of the sweep ran; say that some did not succeed
+        raise SystemExit(EXIT_FAILED)
