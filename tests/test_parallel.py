@@ -146,6 +146,7 @@ def test_a_failing_rank_ends_the_job_and_an_elastic_restart_resumes_it_exactly(t
 
 
 def test_the_self_launch_command_is_torchrun_with_the_run_directory_fixed():
+    from trainctl.errors import ConfigError
     from trainctl.parallel import ParallelismSpec, torchrun_command
 
     spec = ParallelismSpec(name="ddp", nproc_per_node=4, nnodes=2, node_rank=1, rdzv_endpoint="node0:29500",
@@ -155,11 +156,17 @@ def test_the_self_launch_command_is_torchrun_with_the_run_directory_fixed():
     assert {"--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--rdzv_endpoint=node0:29500",
             "--max_restarts=2"} <= set(command)
     assert command[-4:] == ["parallelism=ddp", "optimizer=sgd", "checkpoint.resume=auto", "hydra.run.dir=/runs/a"]
+    one_node = torchrun_command(ParallelismSpec(name="ddp", nproc_per_node=2), [], "/runs/b")
+    port = int(next(a for a in one_node if a.startswith("--master_port=")).split("=")[1])
+    assert "--master_addr=localhost" in one_node and 1024 <= port < 65536, "a free local port"
+    with pytest.raises(ConfigError, match="several nodes meet at node 0"):
+        ParallelismSpec(name="ddp", nproc_per_node=2, nnodes=2).validate()
 
 
 def test_a_sweep_starts_one_torchrun_per_job(tmp_path):
+    # two jobs at a time (joblib), each on its own free rendezvous port
     out = trainctl(["run", "-m", *COMMON, "trainer.max_steps=4", "parallelism=ddp", "parallelism.nproc_per_node=2",
-                    "parallelism.rdzv_endpoint=localhost:29661", "optimizer.lr=1e-3,3e-3",
+                    "optimizer.lr=1e-3,3e-3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                     f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))

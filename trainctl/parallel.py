@@ -51,8 +51,9 @@ class ParallelismSpec:
     """Nodes, when trainctl starts torchrun (the same command runs on every node)."""
     node_rank: int = 0
     """This node's rank (0 .. nnodes-1), for static multi-node rendezvous."""
-    rdzv_endpoint: str = "localhost:29500"
-    """host:port of the rendezvous (node 0's address for multiple nodes)."""
+    rdzv_endpoint: Optional[str] = None
+    """host:port of the rendezvous: node 0's address, required for several nodes. Null on one node: a
+    free port of this machine, so several jobs can run side by side."""
     max_restarts: int = 0
     """Elastic restarts of the whole job after a rank fails; each restart resumes from the last
     checkpoint (checkpoint.resume is set to auto)."""
@@ -69,7 +70,10 @@ class ParallelismSpec:
         check(0 <= self.node_rank < self.nnodes, f"{key}.node_rank", f"must be in 0..{self.nnodes - 1}")
         check(self.max_restarts >= 0, f"{key}.max_restarts", "must be >= 0")
         check(self.timeout_minutes > 0, f"{key}.timeout_minutes", "must be > 0")
-        check(":" in self.rdzv_endpoint, f"{key}.rdzv_endpoint", "must be host:port", "e.g. node0.cluster:29500")
+        check(self.rdzv_endpoint is None or ":" in self.rdzv_endpoint, f"{key}.rdzv_endpoint", "must be host:port",
+              "e.g. node0.cluster:29500")
+        check(self.nnodes == 1 or self.rdzv_endpoint is not None, f"{key}.rdzv_endpoint",
+              "several nodes meet at node 0's address", f"set {key}.rdzv_endpoint=NODE0_HOST:29500")
 
     @property
     def sharded(self) -> bool:
@@ -144,9 +148,18 @@ def torchrun_command(spec: ParallelismSpec, overrides: Sequence[str], run_dir: s
     if spec.nnodes > 1:
         command += [f"--node_rank={spec.node_rank}", f"--rdzv_endpoint={spec.rdzv_endpoint}", "--rdzv_backend=static"]
     else:
-        host, port = spec.rdzv_endpoint.rsplit(":", 1)
+        host, port = spec.rdzv_endpoint.rsplit(":", 1) if spec.rdzv_endpoint else ("localhost", str(free_port()))
         command += [f"--master_addr={host}", f"--master_port={port}"]
     return command + ["-m", "trainctl", "run", *overrides, *resume, f"hydra.run.dir={run_dir}"]
+
+
+def free_port() -> int:
+    """A TCP port of this machine that nothing listens on (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("localhost", 0))
+        return int(sock.getsockname()[1])
 
 
 def self_launch(spec: ParallelismSpec, overrides: Sequence[str], run_dir: str) -> int:
