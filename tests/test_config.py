@@ -110,6 +110,13 @@ def test_key_of_another_option_is_refused():
     assert error.key == "optimizer.betas" and "optimizer=sgd" in str(error)
 
 
+def test_key_of_another_option_names_the_options_that_have_it():
+    error = _error(["optimizer=sgd", "optimizer.betas=[0.9,0.99]"])
+    assert "it is a setting of optimizer=adam, adamw" in error.message and error.fix == "set optimizer=adam"
+    error = _error(["parallelism=ddp", "parallelism.sharding=hybrid"])
+    assert "it is a setting of parallelism=fsdp" in error.message and error.fix == "set parallelism=fsdp"
+
+
 def test_added_key_on_a_typed_group_is_refused():
     assert _error(["+optimizer.foo=1"]).key == "optimizer.foo"
     assert _error(["+foo=1"]).key == "foo"

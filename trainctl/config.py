@@ -167,9 +167,22 @@ def _unknown_key(full_key: str, overrides: Sequence[str], config_name: str, grou
     option = cfg.get(parent, {}).get("name") if parent and isinstance(cfg.get(parent), DictConfig) else None
     if option:
         where += f" ({parent}={option})"
+    owners = _options_with(parent, leaf) if option and "." not in parent else []
+    if owners:  # a setting of another option of the group: say which, and pick that option
+        return ConfigError(full_key, f"no such key{where}: it is a setting of {parent}={', '.join(owners)}",
+                           f"set {parent}={owners[0]}")
     hint = (" Did you mean " + " or ".join(f"'{h}'" for h in hits) + "?") if hits else ""
     return ConfigError(full_key, f"no such key{where}.{hint}",
                        f"set {hits[0]}=..." if hits else "run `trainctl show` to list the keys")
+
+
+def _options_with(group: str, key: str) -> List[str]:
+    """The options of ``group`` whose schema has ``key``."""
+    from hydra.core.config_store import ConfigStore
+
+    schemas = ConfigStore.instance().repo.get("schema", {}).get(group, {})
+    return sorted(name[: -len(".yaml")] for name, entry in schemas.items()
+                  if hasattr(entry, "node") and key in entry.node)
 
 
 # --- the `run` command line ---------------------------------------------------------------------------

@@ -218,6 +218,7 @@ class Distributed:
         if backend == "nccl" and device_type != "cuda":
             raise ConfigError("parallelism.backend", "nccl needs CUDA devices", "set parallelism.backend=gloo")
         self.backend = backend
+        self._gradient_sync = True  # FSDP's default
         if not dist.is_initialized():
             if device_type == "cuda":
                 torch.cuda.set_device(self.local_rank)
@@ -252,7 +253,9 @@ class Distributed:
     def no_sync(self, model: "nn.Module", final: bool) -> Any:
         """Skip the gradient reduction on every micro-batch of a window but the last."""
         if self.sharded:  # FSDP2's switch; the window's last micro-batch reduce-scatters the sum
-            model.set_requires_gradient_sync(final)  # type: ignore[operator]
+            if final != self._gradient_sync:  # it visits every FSDP module: flip it only when it changes
+                model.set_requires_gradient_sync(final)  # type: ignore[operator]
+                self._gradient_sync = final
             return contextlib.nullcontext()
         return contextlib.nullcontext() if final else model.no_sync()  # type: ignore[operator]
 

@@ -27,14 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trainctl")
 
-METADATA = ".metadata"
-"""DCP's index of a sharded checkpoint: its presence marks a checkpoint as sharded."""
-
-
-def is_sharded_checkpoint(path: Path) -> bool:
-    return (path / METADATA).is_file()
-
-
 # --- sharding the model -------------------------------------------------------------------------------
 
 def units(model: "nn.Module", spec: FSDPSpec, builtin: bool) -> List["nn.Module"]:
