@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import logging
 import os
 import sys
@@ -219,6 +220,8 @@ class Distributed:
             raise ConfigError("parallelism.backend", "nccl needs CUDA devices", "set parallelism.backend=gloo")
         self.backend = backend
         self._gradient_sync = True  # FSDP's default
+        if not faulthandler.is_enabled():  # a rank killed by a native abort shows where it was
+            faulthandler.enable()
         if not dist.is_initialized():
             if device_type == "cuda":
                 torch.cuda.set_device(self.local_rank)
@@ -294,9 +297,12 @@ class Distributed:
         return out
 
     def close(self) -> None:
+        """Leave the process group after a finish every rank agreed on. The ranks first wait for each
+        other, so that none tears its connections down while a peer is still writing to them."""
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
