@@ -21,6 +21,39 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
     assert np.array_equal(arrays.y_val, again.y_val)
 
 
+def test_digits_are_read_as_scikit_learn_loads_them():
+    from sklearn.datasets import load_digits
+
+    from trainctl.data import digits_arrays
+
+    pixels, labels = digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(pixels, bunch.data) and np.array_equal(labels, bunch.target)
+
+
+@pytest.mark.parametrize("n", [12, 37, 360, 1797])
+@pytest.mark.parametrize("classes", [None, 2, 3, 10])
+def test_the_split_is_scikit_learns_train_test_split(n, classes):
+    from sklearn.model_selection import train_test_split
+
+    from trainctl.data import _split
+
+    rng = np.random.RandomState(n)
+    labels = None if classes is None else rng.randint(0, classes, size=n)
+    labels_for_sklearn = labels
+    for fraction in (0.1, 0.1997, 0.2, 0.25, 0.5):
+        if labels is not None:  # stratified only when every class fits on both sides, as trainctl does
+            counts, n_val = np.unique(labels, return_counts=True)[1], int(np.ceil(n * fraction))
+            fits = counts.min() >= 2 and min(n_val, n - n_val) >= len(counts)
+            labels_for_sklearn = labels if fits else None
+        for seed in (0, 1, 7):
+            train, val = train_test_split(np.arange(n), test_size=fraction, random_state=seed,
+                                          stratify=labels_for_sklearn)
+            ours = _split(n, fraction, seed, labels)
+            assert np.array_equal(ours[0], np.sort(train)) and np.array_equal(ours[1], np.sort(val)), \
+                (fraction, seed)
+
+
 def test_csv_classification_with_text_labels(csv_classification):
     arrays = load(compose(["data=csv", f"data.path={csv_classification}", "data.target=label"]).data)
     info = arrays.info
