@@ -46,8 +46,9 @@ def test_two_ranks_train_exactly_like_one_process_with_twice_the_batch(tmp_path,
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = load_file(str(tmp_path / "single" / "model.safetensors")), load_file(str(tmp_path / "ddp" / "model.safetensors"))
     assert a.keys() == b.keys()
-    for key in a:  # the same samples per step; only the order of floating-point sums differs
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+    for key in a:  # the same samples per step; only the order of floating-point sums differs, which AdamW's
+        # normalised step turns into up to ~2e-6 on weights whose gradient is near zero
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=key)
     single_records, ddp_records = _records(tmp_path / "single"), _records(tmp_path / "ddp")
     assert [r["step"] for r in ddp_records] == [r["step"] for r in single_records]
     for r, s in zip(ddp_records, single_records):
@@ -152,7 +153,7 @@ def test_the_self_launch_command_is_torchrun_with_the_run_directory_fixed():
     spec = ParallelismSpec(name="ddp", nproc_per_node=4, nnodes=2, node_rank=1, rdzv_endpoint="node0:29500",
                            max_restarts=2)
     command = torchrun_command(spec, ["parallelism=ddp", "optimizer=sgd"], "/runs/a")
-    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert command[1:4] == ["-m", "trainctl.torchrun", str(os.getpid())], "torchrun, tied to this process"
     assert {"--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--rdzv_endpoint=node0:29500",
             "--max_restarts=2"} <= set(command)
     assert command[-4:] == ["parallelism=ddp", "optimizer=sgd", "checkpoint.resume=auto", "hydra.run.dir=/runs/a"]
@@ -177,3 +178,75 @@ def test_a_sweep_starts_one_torchrun_per_job(tmp_path):
         meta = json.loads((job / "checkpoints" / "last" / "meta.json").read_text())
         assert meta["world_size"] == 2
         assert f"lr: {lr}" in (job / "config.yaml").read_text()
+
+
+def _processes_of(run_dir: Path) -> list:
+    """Pids of the processes whose command line names ``run_dir`` (torchrun's agent and the ranks)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if f"hydra.run.dir={run_dir}" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _start_job(args: list, run_dir: Path, cwd: Path) -> subprocess.Popen:
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "trainctl", "run", *args, f"hydra.run.dir={run_dir}"], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) > 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    return proc
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
+def test_the_processes_of_a_job_end_with_the_trainctl_run_that_started_them(tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    args = [*COMMON, "trainer.max_steps=100000", "parallelism=ddp", "parallelism.nproc_per_node=2"]
+    launcher = _start_job(args, run_dir, tmp_path)
+    holder = json.loads((run_dir / ".trainctl.lock").read_text())
+    assert holder["rank"] == 0 and holder["pid"] != launcher.pid, "rank 0 owns the directory, once for the job"
+    children = [p for p in _processes_of(run_dir) if p != launcher.pid]
+    assert len(children) == 3, children  # torchrun's agent and two ranks
+    launcher.send_signal(signal.SIGKILL)
+    launcher.communicate(timeout=60)
+    deadline = time.monotonic() + 90
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in (Path(f"/proc/{pid}") / "stat").read_text().split()[2]
+              for pid in children):
+        assert time.monotonic() < deadline, "torchrun or a rank outlived the trainctl run that started them"
+        time.sleep(0.2)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted" and summary["signal"] == "SIGTERM", summary
+    stopped = summary["steps"]
+    assert (run_dir / "checkpoints" / "last").resolve().name == f"step-{stopped:08d}", "a checkpoint where they stopped"
+    resumed = trainctl(["run", *args, f"trainer.max_steps={stopped + 4}", "checkpoint.resume=auto",
+                        f"hydra.run.dir={run_dir}"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == stopped + 4
+
+
+def test_a_killed_rank_0_is_recorded_by_the_launcher(tmp_path):
+    import signal
+
+    run_dir = tmp_path / "run"
+    launcher = _start_job([*COMMON, "trainer.max_steps=100000", "parallelism=ddp", "parallelism.nproc_per_node=2"],
+                          run_dir, tmp_path)
+    rank0 = json.loads((run_dir / ".trainctl.lock").read_text())["pid"]
+    os.kill(rank0, signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1 and "Traceback" not in stderr.split("trainctl: starting")[0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["stop_reason"] == "failed"
+    assert "torchrun exited with code" in summary["error"] and summary["steps"] > 0, summary

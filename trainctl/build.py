@@ -125,6 +125,7 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
     rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
     bundle = build_batches(spec.data, data_mod.load(spec.data), device, perf.channels_last, rank, world)
     info = bundle.info
+    _check_batches(spec, bundle, world)
     precision = build_precision(spec.precision, device)
     model = _build_model(spec, info, device, precision, base_dir)
     if rank:  # the same initial weights everywhere (DDP also broadcasts rank 0's), different dropout masks
@@ -174,6 +175,21 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
         callbacks=callbacks, checkpointer=checkpointer, run_dir=run_dir, checkpointed_modules=wrapped,
         compile_clock=clock, flops_per_sample=flops, peak_tflops=peak, dist=dist, train_model=train_model,
         sharded_units=units)
+
+
+def _check_batches(spec: RunSpec, bundle: DataBundle, world: int) -> None:
+    """An epoch must hold at least one training batch (otherwise no step is ever taken)."""
+    if len(bundle.train) > 0:
+        return
+    data, n = spec.data, bundle.info.n_train
+    per_step = data.batch_size * world
+    what = f"{data.batch_size} x {world} processes" if world > 1 else str(data.batch_size)
+    if data.drop_last:
+        raise ConfigError("data.batch_size", f"a batch of {what} samples with data.drop_last=true leaves no "
+                          f"training batch: the training split has {n} samples",
+                          f"set data.drop_last=false, or data.batch_size={max(1, n // world)} or less")
+    raise ConfigError("data.batch_size", f"the training split has {n} samples, too few for one batch of "
+                      f"{per_step} across {world} processes", "use fewer processes or more data")
 
 
 def _build_model(spec: RunSpec, info: data_mod.DataInfo, device: torch.device, precision: Precision,

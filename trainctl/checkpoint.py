@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from trainctl.errors import check, check_choice
-from trainctl.files import (COMMIT_MARKER, CheckpointError, commit_dir, point, safe_torch_load, save_weights,
+from trainctl.files import (COMMIT_MARKER, SMALL_FILE_BYTES, SPEC_FILE_BYTES, CheckpointError, commit_dir,
+                            failure_text, point, read_bounded, read_text_bounded, safe_torch_load, save_weights,
                             verify_dir, write_json, write_text)
 
 if TYPE_CHECKING:
@@ -114,15 +115,68 @@ class Checkpoint:
         return bool(self.meta.get("sharded"))
 
 
+STATE_KEYS = {"run": dict, "scheduler": dict, "precision": dict, "checkpointer": dict, "callbacks": dict,
+              "meter": dict}
+"""What every `state.pt` holds (plus `rng`, and `optimizer` unless the checkpoint is sharded)."""
+
+
+def _meta(path: Path) -> Dict[str, Any]:
+    meta = json.loads(read_bounded(path / "meta.json", SMALL_FILE_BYTES, follow_symlinks=False))
+    if not isinstance(meta, dict):
+        raise ValueError("meta.json is not a JSON object")
+    step = meta.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"meta.json has no step (got {step!r})")
+    world = meta.get("world_size", 1)
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise ValueError(f"meta.json has an invalid world_size ({world!r})")
+    if not isinstance(meta.get("sharded", False), bool):
+        raise ValueError("meta.json has an invalid 'sharded' flag")
+    return meta
+
+
+def check_state(state: Any, sharded: bool) -> None:
+    """The layout of a checkpoint's `state.pt`: the parts a resume reads, each of the right kind."""
+    if not isinstance(state, dict):
+        raise ValueError("state.pt does not hold a dictionary")
+    wanted = dict(STATE_KEYS, **({} if sharded else {"optimizer": dict}))
+    for key, kind in wanted.items():
+        if not isinstance(state.get(key), kind):
+            raise ValueError(f"state.pt has no '{key}' part")
+    if "rng" not in state:
+        raise ValueError("state.pt has no 'rng' part")
+    run = state["run"]
+    for key in ("step", "epoch", "batch_in_epoch", "samples_seen"):
+        if not isinstance(run.get(key), int) or isinstance(run.get(key), bool) or run[key] < 0:
+            raise ValueError(f"state.pt's run state has no valid '{key}'")
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
-    """Verify a checkpoint directory against its marker, then read it (weights are loaded later)."""
+    """Verify a checkpoint directory against its marker, then read it and check its layout (weights
+    are loaded later). Every problem is a CheckpointError naming the checkpoint."""
     path = path.resolve()
-    problem = verify_dir(path)
+    sharded = (path / ".metadata").exists()
+    problem = verify_dir(path, ("state.pt", "spec.yaml", "meta.json", ".metadata" if sharded else "model.safetensors"))
     if problem:
         raise CheckpointError(f"{path} is not a usable checkpoint: {problem}")
+    try:
+        meta = _meta(path)
+        if bool(meta.get("sharded")) != sharded:
+            raise ValueError("meta.json and the files disagree on whether the checkpoint is sharded")
+        spec_yaml = read_text_bounded(path / "spec.yaml", SPEC_FILE_BYTES, follow_symlinks=False)
+    except OSError as exc:
+        raise CheckpointError(f"{path} is not a usable checkpoint: {exc.filename or ''} {exc.strerror}") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not a usable checkpoint: {exc}") from None
     state = safe_torch_load(path / "state.pt")
-    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-    return Checkpoint(path, int(meta["step"]), state, (path / "spec.yaml").read_text(encoding="utf-8"), meta)
+    try:
+        check_state(state, sharded)
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not a usable checkpoint: {exc}") from None
+    if state["run"]["step"] != meta["step"]:
+        raise CheckpointError(f"{path} is not a usable checkpoint: state.pt is of step {state['run']['step']} "
+                              f"and meta.json of step {meta['step']}")
+    return Checkpoint(path, meta["step"], state, spec_yaml, meta)
 
 
 def newest_valid(directory: Path) -> Optional[Checkpoint]:
@@ -221,10 +275,10 @@ class Checkpointer:
         tmp = self.begin(step)
         try:
             save_weights(model, tmp / "model.safetensors", {"step": str(step)})
-        except OSError as exc:
+        except Exception as exc:  # OSError, or a library's own error for the same disk problem
             self.discard(tmp)
             raise CheckpointError(f"could not save the checkpoint of step {step} in {self.directory}: "
-                                  f"{exc.strerror or exc}") from exc
+                                  f"{failure_text(exc, self.directory)}") from exc
         return self.finish(tmp, step, state, spec_yaml, meta, best)
 
     def begin(self, step: int) -> Path:
@@ -236,7 +290,7 @@ class Checkpointer:
             tmp.mkdir()
         except OSError as exc:
             raise CheckpointError(f"could not save the checkpoint of step {step} in {self.directory}: "
-                                  f"{exc.strerror or exc}") from exc
+                                  f"{failure_text(exc, self.directory)}") from exc
         return tmp
 
     def finish(self, tmp: Path, step: int, state: Dict[str, Any], spec_yaml: str, meta: Dict[str, Any],
@@ -253,10 +307,10 @@ class Checkpointer:
             point(self.directory / "last", name)
             if best:
                 point(self.directory / "best", name)
-        except OSError as exc:
+        except Exception as exc:  # torch reports a full disk as a RuntimeError
             self.discard(tmp)
             raise CheckpointError(f"could not save the checkpoint of step {step} in {self.directory}: "
-                                  f"{exc.strerror or exc}") from exc
+                                  f"{failure_text(exc, self.directory)}") from exc
         self.prune()
         return self.directory / name
 

@@ -58,16 +58,21 @@ def _collect_garbage_after_start_up() -> None:
 
 
 def cmd_run(argv: Sequence[str]) -> None:
-    from trainctl import config
+    from trainctl import config, parallel
+
+    parallel.follow_launcher()  # a rank under torchrun ends with its agent
 
     args = config.hydra_args(argv)
-    if not (args.help or args.hydra_help or args.info or args.shell_completion or args.config_dir
-            or args.config_path or args.experimental_rerun):
-        if not (args.multirun or args.cfg or args.run):
+    if not (args.help or args.hydra_help or args.info or args.shell_completion or args.config_path
+            or args.experimental_rerun):
+        overrides = list(args.overrides)
+        if args.config_dir:  # the user's own config directory joins the search path, as Hydra does
+            overrides.append(f"hydra.searchpath=[file://{os.path.abspath(args.config_dir)}]")
+        elif not (args.multirun or args.cfg or args.run):
             _collect_garbage_after_start_up()
-            config.run_single(args.overrides, os.getcwd(), args.config_name or config.CONFIG_NAME)
+            config.run_single(overrides, os.getcwd(), args.config_name or config.CONFIG_NAME)
             return
-        config.preflight(args.overrides, args.multirun, os.getcwd(), args.config_name or config.CONFIG_NAME)
+        config.preflight(overrides, args.multirun, os.getcwd(), args.config_name or config.CONFIG_NAME)
     config.run_hydra(argv)
 
 
@@ -95,6 +100,9 @@ def cmd_resume(argv: Sequence[str]) -> None:
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(None, f"{run_dir} is not a trainctl run directory (it has no config.yaml)",
                           "pass the directory `trainctl run` printed, e.g. outputs/2026-01-31/12-00-00")
+    from trainctl import rundir
+
+    rundir.acquire(run_dir, None)  # before anything is written; refused while another process runs there
     _collect_garbage_after_start_up()
     spec = load_saved_spec(run_dir / "config.yaml", argv[1:], os.getcwd())
     spec.checkpoint.resume = "auto"
@@ -109,7 +117,6 @@ def cmd_resume(argv: Sequence[str]) -> None:
 
 def cmd_eval(argv: Sequence[str]) -> None:
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(prog="trainctl eval", description="Evaluate saved weights on the "
                                      "validation split of the run's data (overrides such as data.path=... or "
@@ -120,7 +127,6 @@ def cmd_eval(argv: Sequence[str]) -> None:
     parser.add_argument("-o", "--output", help="write the result here (default: eval.json in the run "
                         "directory, or eval-<checkpoint>.json for a checkpoint)")
     args = parser.parse_args(argv)
-    from trainctl.files import write_json
     from trainctl.job import evaluate_saved
 
     path = Path(args.path)
@@ -131,9 +137,16 @@ def cmd_eval(argv: Sequence[str]) -> None:
         output = Path(result["run_dir"]) / name
     if output is not None:
         result["output"] = str(output)
-        write_json(output, result)
-    if args.json:
-        print(json.dumps(result, indent=2))
+    _print_eval(result, args.json)  # first: the metrics are not lost if the file cannot be written
+    if output is not None:
+        _write_eval(result, output, in_run_dir=not args.output)
+
+
+def _print_eval(result: dict, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        print(json.dumps(result, indent=2), flush=True)
         return
     from rich.console import Console
     from rich.table import Table
@@ -146,9 +159,31 @@ def cmd_eval(argv: Sequence[str]) -> None:
         table.add_row("step", str(result["step"]))
     for key, value in result["metrics"].items():
         table.add_row(key, f"{value:.4f}")
-    if output is not None:
-        table.add_row("written to", str(output))
+    if result.get("output"):
+        table.add_row("written to", result["output"])
     Console().print(table)
+
+
+def _write_eval(result: dict, output: Path, in_run_dir: bool) -> None:
+    """Write the result; into a run directory only while no other process owns it."""
+    from trainctl import rundir
+    from trainctl.files import write_json
+
+    try:
+        if in_run_dir:
+            with rundir.owning(output.parent, None):
+                write_json(output, result)
+        else:
+            write_json(output, result)
+    except rundir.RunDirBusy as busy:
+        print(f"trainctl: note: the result was not written to {output}: {busy.message}\n"
+              "  fix: pass -o FILE to save it elsewhere", file=sys.stderr)
+    except ConfigError as exc:  # the run directory cannot be written (read-only, permissions)
+        raise ConfigError(None, f"{exc.message} (the metrics are printed above)",
+                          "pass -o FILE to write the result somewhere you can write to") from None
+    except OSError as exc:
+        raise ConfigError(None, f"could not write {output}: {exc.strerror or exc} (the metrics are printed above)",
+                          "pass -o FILE to write the result somewhere you can write to") from None
 
 
 def cmd_show(argv: Sequence[str]) -> None:
@@ -218,6 +253,11 @@ def cmd_report(argv: Sequence[str]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    import logging
+
+    # A log handler that cannot write (a full disk) must not print a traceback into the console; trainctl
+    # reports failed writes itself.
+    logging.raiseExceptions = False
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)

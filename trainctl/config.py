@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig
 
+from trainctl import rundir
 from trainctl.errors import EXIT_CONFIG, EXIT_FAILED, ConfigError, did_you_mean, exit_code, suggestion
 from trainctl.spec import CONF_DIR, RunSpec, load_spec, register_configs, unknown_keys
 
@@ -96,6 +97,9 @@ def translate(exc: BaseException, overrides: Sequence[str], config_name: str = C
 
     text = str(exc)
     cause = exc.__cause__
+    yaml_problem = _yaml_error(exc)
+    if yaml_problem is not None:
+        return yaml_problem
     missing = re.search(r"Could not find '([^']+)'", text)
     if isinstance(exc, MissingConfigException) and missing and "/" in missing.group(1):
         from trainctl.sweep import missing_plugin
@@ -133,6 +137,25 @@ def translate(exc: BaseException, overrides: Sequence[str], config_name: str = C
     detail = getattr(cause, "msg", None) or text.strip() or type(exc).__name__
     key = getattr(cause, "full_key", None)
     return ConfigError(key or None, detail.splitlines()[0])
+
+
+def _yaml_error(exc: BaseException) -> Optional[ConfigError]:
+    """A YAML file that cannot be read as plain config (a `!!python/...` tag, bad syntax), named with its
+    line, or None when ``exc`` is not about YAML."""
+    import yaml
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, yaml.YAMLError):
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{mark.name}, line {mark.line + 1}" if mark is not None else "a config file"
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            fix = ("configs hold plain values only: remove the !! tag" if "!!" in str(exc) or "tag" in problem
+                   else "fix the YAML syntax there")
+            return ConfigError(None, f"{where}: {problem}", fix)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None
 
 
 def _flat_keys(node: object, prefix: str = "") -> List[str]:
@@ -195,8 +218,10 @@ def hydra_args(argv: Sequence[str]):
 
 
 def _is_hydra_override(override: str) -> bool:
+    """An override of Hydra's own settings (checked by Hydra), except the search path, which changes
+    what the run's config is composed from."""
     key = override.lstrip("+~").split("=", 1)[0]
-    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+    return (key == "hydra" or key.startswith(("hydra.", "hydra/"))) and key != "hydra.searchpath"
 
 
 def preflight(overrides: Sequence[str], multirun: bool, base_dir: str, config_name: str = CONFIG_NAME) -> None:
@@ -239,11 +264,28 @@ def report_config_error(error: ConfigError) -> None:
 
 
 def _discard_if_untouched(run_dir: Path) -> None:
-    """Remove a run directory holding nothing but Hydra's `.hydra/` (a run that never started)."""
-    with contextlib.suppress(OSError):
-        if set(os.listdir(run_dir)) <= {".hydra"}:
+    """Remove a run directory holding nothing but Hydra's `.hydra/` and the lock (a run that never
+    started), unless another process owns it."""
+    if not run_dir.is_dir():
+        return
+    with contextlib.suppress(OSError, ConfigError), rundir.owning(run_dir, None):
+        if rundir.is_untouched(run_dir):
             shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+            (run_dir / rundir.LOCK_NAME).unlink(missing_ok=True)
             run_dir.rmdir()
+
+
+def own_run_dir(run_dir: Path, spec: RunSpec) -> bool:
+    """Take the lock of the directory a run writes (see :mod:`trainctl.rundir`) - refusing first, without
+    creating anything, a directory that holds another run - and check it again under the lock. Returns
+    whether the lock was taken here (False: this process held it already)."""
+    fresh = spec.checkpoint.resume != "auto"
+    if fresh:
+        check_fresh_run_dir(run_dir)
+    taken = rundir.acquire(run_dir)
+    if fresh:
+        check_fresh_run_dir(run_dir)  # a run that started meanwhile, now that nobody else can
+    return taken
 
 
 def check_fresh_run_dir(run_dir: Path) -> None:
@@ -285,38 +327,52 @@ def task(cfg: DictConfig) -> Any:
 def _train_job(cfg: DictConfig, run_dir: Path, base_dir: str, overrides: List[str]) -> Tuple[dict, str]:
     """Validate and train one job in ``run_dir``: (its summary, its optimized metric)."""
     spec, metric = load_run(cfg, base_dir)
-    if spec.checkpoint.resume != "auto":
-        check_fresh_run_dir(run_dir)
     from trainctl import parallel
 
     parallel.check_launch(spec.parallelism)
-    if parallel.should_self_launch(spec.parallelism):  # a sweep job of several processes
+    if parallel.should_self_launch(spec.parallelism):  # a sweep job of several processes: rank 0 owns the directory
+        if spec.checkpoint.resume != "auto":
+            check_fresh_run_dir(run_dir)
         return _launched_job(spec, run_dir, overrides), metric
     from trainctl.job import train
 
-    dist = _DIST.pop("current", None)
-    summary = train(spec, run_dir, base_dir, dist)
-    if dist is not None:
-        dist.close()
+    taken = own_run_dir(run_dir, spec)
+    try:
+        dist = _DIST.pop("current", None)
+        summary = train(spec, run_dir, base_dir, dist)
+        if dist is not None:
+            dist.close()
+    finally:
+        if taken:
+            rundir.release(run_dir)
     return summary, metric
 
 
 def _launched_job(spec: RunSpec, run_dir: Path, overrides: List[str]) -> dict:
-    """Run one job as torchrun processes in ``run_dir`` and return the summary rank 0 wrote."""
-    import json
-
+    """Run one job as torchrun processes in ``run_dir`` and return the summary rank 0 wrote (or, when
+    rank 0 died without writing one, the failure this process records)."""
     from trainctl import parallel
     from trainctl.resume import check_changes, find_resume_source
 
     par = spec.parallelism
+    rundir.check_free(run_dir)  # the ranks' rank 0 takes the lock; refuse at once if another process has it
     source = find_resume_source(spec, run_dir)  # a checkpoint the ranks cannot use is refused here, once
     if source is not None:
         check_changes(source, spec, (par.nproc_per_node or 1) * par.nnodes)
     code = parallel.self_launch(par, overrides, str(run_dir))
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {"stop_reason": "failed", "best_metric": None, "error": f"torchrun exited with {code}"}
+    from trainctl.runs import RunRecord
+    from trainctl.sweep import record_failure
+
+    record = RunRecord.load(run_dir)
+    if code != 0 and record.status in ("running", "unknown"):  # rank 0 died without writing its summary
+        from trainctl.checkpoint import committed
+
+        saved = committed(run_dir / "checkpoints")
+        record_failure(run_dir, "failed", f"torchrun exited with code {code} before rank 0 recorded the end of "
+                       f"the run (a process was killed or crashed); {run_dir / 'trainctl.log'} has its log",
+                       steps=record.steps or 0, last_checkpoint=str(saved[-1]) if saved else None)
+        record = RunRecord.load(run_dir)
+    return record.summary or {"stop_reason": "failed", "best_metric": None, "error": f"torchrun exited with {code}"}
 
 
 def run_single(overrides: Sequence[str], base_dir: str, config_name: str = CONFIG_NAME) -> None:
@@ -353,6 +409,9 @@ def run_single(overrides: Sequence[str], base_dir: str, config_name: str = CONFI
             cfg.hydra.mode = RunMode.RUN
         if _distributed(spec, overrides, run_dir, cfg, base_dir):
             return
+        if run_dir is not None:  # own the directory before Hydra writes `.hydra/` and the log into it
+            own_run_dir(run_dir, spec)
+            cfg.hydra.run.dir = str(run_dir)  # the directory locked is the one the job writes
 
         def job() -> None:
             callbacks = Callbacks(cfg)
@@ -398,8 +457,7 @@ def _distributed(spec: RunSpec, overrides: List[str], run_dir: Optional[Path], c
             if run_dir is None:
                 raise ConfigError("hydra.run.dir", "cannot be decided before the processes start",
                                   "set hydra.run.dir=outputs/NAME")
-            if spec.checkpoint.resume != "auto":
-                check_fresh_run_dir(run_dir)
+            own_run_dir(run_dir, spec)  # rank 0 owns the directory for the job
         except ConfigError as error:
             problem = (error.key, error.message, error.fix)
     decided, problem = dist.broadcast((str(run_dir), problem))
@@ -434,6 +492,11 @@ def run_hydra(argv: Sequence[str]) -> None:
     _register()
     main = hydra.main(config_path=str(CONF_DIR), config_name=CONFIG_NAME, version_base="1.3")(task)
     sys.argv = ["trainctl", *argv]
-    main()
+    try:
+        main()
+    except Exception as exc:  # Hydra re-raises what fails before a job starts (composing, a bad file)
+        if os.environ.get("TRAINCTL_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise translate(exc, list(argv)) from None
     if FAILED_JOBS:  # every job of the sweep ran; say that some did not succeed
         raise SystemExit(EXIT_FAILED)

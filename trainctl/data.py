@@ -49,6 +49,7 @@ class DataSpec:
         check(self.eval_batch_size is None or self.eval_batch_size >= 1, f"{key}.eval_batch_size",
               "must be >= 1 or null", f"set {key}.eval_batch_size=null")
         check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0", f"set {key}.num_workers=0")
+        check(0 <= self.seed < 2**32, f"{key}.seed", f"must be in 0 .. 2**32-1 (got {self.seed})", f"set {key}.seed=0")
         check(0.0 < self.val_fraction < 1.0, f"{key}.val_fraction",
               f"must be between 0 and 1 (got {self.val_fraction})", f"set {key}.val_fraction=0.2")
 
@@ -340,21 +341,37 @@ def _tabular(x: np.ndarray, y: np.ndarray, spec: DataSpec, task: str, class_name
 
 @functools.lru_cache(maxsize=4)
 def _read_table_cached(path: str, delimiter: Optional[str], mtime_ns: int) -> Tuple[List[str], List[List[str]]]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        sample = handle.read(64 * 1024)
-        handle.seek(0)
-        if delimiter is None:
-            if path.lower().endswith((".tsv", ".tab")):
-                delimiter = "\t"
-            else:
-                try:
-                    delimiter = csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
-                except csv.Error:
-                    delimiter = ","
-        rows = [row for row in csv.reader(handle, delimiter=delimiter) if row]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            sample = handle.read(64 * 1024)
+            handle.seek(0)
+            if delimiter is None:
+                if path.lower().endswith((".tsv", ".tab")):
+                    delimiter = "\t"
+                else:
+                    try:
+                        delimiter = csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+                    except csv.Error:
+                        delimiter = ","
+            rows = [row for row in csv.reader(handle, delimiter=delimiter) if row]
+    except UnicodeDecodeError as exc:
+        raise ConfigError("data.path", f"{Path(path).name} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                          f"at offset {exc.start})", f"save it as UTF-8, e.g. iconv -f latin1 -t utf-8 "
+                          f"{Path(path).name} > utf8.csv") from None
+    except csv.Error as exc:
+        raise ConfigError("data.path", f"{Path(path).name} cannot be read as CSV: {exc}",
+                          "fix the file or set data.delimiter") from None
+    except OSError as exc:
+        raise ConfigError("data.path", f"cannot read {path}: {exc.strerror or exc}") from None
     if not rows:
         raise ConfigError("data.path", f"{path} is empty", "point data.path at a CSV file with a header row")
     header = [h.strip() for h in rows[0]]
+    seen = set()
+    for name in header:
+        if name in seen:
+            raise ConfigError("data.path", f"{Path(path).name} has two columns named '{name}'",
+                              "give every column of the header its own name")
+        seen.add(name)
     return header, rows[1:]
 
 
@@ -368,6 +385,16 @@ def _as_float(values: List[str]) -> Optional[np.ndarray]:
         return np.array([float(v) for v in values], dtype=np.float64)
     except ValueError:
         return None
+
+
+def _empty_cells(values: List[str]) -> List[int]:
+    """File line numbers (the header is line 1) of the empty cells of a column."""
+    return [i + 2 for i, v in enumerate(values) if v == ""]
+
+
+def _lines(numbers: List[int]) -> str:
+    shown = ", ".join(str(n) for n in numbers[:5])
+    return shown + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
 
 
 def _csv_task(spec: CsvSpec, target_values: List[str]) -> str:
@@ -389,6 +416,11 @@ def _csv_columns(spec: CsvSpec):
                               f"the header has {width}", "fix the file or set data.delimiter")
     columns = {name: [row[i].strip() for row in rows] for i, name in enumerate(header)}
     features = spec.features or [h for h in header if h != spec.target]
+    empty = _empty_cells(columns[spec.target])
+    if empty:  # an empty label is not a class of its own, and not a number either
+        raise ConfigError("data.target", f"column '{spec.target}' of {Path(spec.path).name} is empty on "
+                          f"{len(empty)} row(s) (line {_lines(empty)})",
+                          "fill in or drop those rows: a row without a target cannot be trained on")
     return columns, features
 
 
@@ -402,11 +434,19 @@ def _load_csv(spec: CsvSpec) -> Arrays:
     check(len(features) > 0, "data.features", "no feature columns left", "set data.features=[COL1,COL2]")
     matrix = []
     for name in features:
+        empty = _empty_cells(columns[name])
+        if empty:
+            others = [f for f in features if f != name]
+            raise ConfigError("data.features", f"column '{name}' has {len(empty)} empty cell(s) (line "
+                              f"{_lines(empty)}); missing values are not filled in",
+                              "fill in or drop those rows, or leave the column out: "
+                              f"data.features=[{','.join(others)}]")
         values = _as_float(columns[name])
         if values is None:
             bad = next(v for v in columns[name] if _as_float([v]) is None)
+            numeric = [f for f in features if _as_float(columns[f]) is not None]
             raise ConfigError("data.features", f"column '{name}' is not numeric (e.g. '{bad}')",
-                              "list only numeric columns in data.features=[...]")
+                              f"list only numeric columns: data.features=[{','.join(numeric)}]")
         matrix.append(values)
     x = np.stack(matrix, axis=1)
     check(bool(np.all(np.isfinite(x))), "data.path", "the feature columns contain missing or infinite values",

@@ -6,12 +6,12 @@ from __future__ import annotations
 import gc
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from trainctl.build import build_run, plan
 from trainctl.console import Display
 from trainctl.errors import ConfigError
-from trainctl.files import CheckpointError, load_weights, write_json, write_text
+from trainctl.files import CheckpointError, failure_text, load_weights, write_json, write_text
 from trainctl.metrics import MetricsWriter
 from trainctl.parallel import Distributed
 from trainctl.checkpoint import Checkpoint, newest_valid, read_checkpoint
@@ -23,39 +23,25 @@ log = logging.getLogger("trainctl")
 
 
 def train(spec: RunSpec, run_dir: Path, base_dir: str, dist: Optional[Distributed] = None) -> Dict[str, Any]:
-    """Everything that can be wrong with the spec or the checkpoint to resume from fails before a
-    file is written. Under DDP every rank calls this with the same directory; rank 0 writes."""
+    """Everything that can be wrong with the spec or the checkpoint to resume from - including a sealed
+    checkpoint whose contents do not fit the model - fails before a file is written. Under DDP every
+    rank calls this with the same directory; rank 0 writes."""
     main = dist is None or dist.is_main
     source = find_resume_source(spec, run_dir)
     changes = check_changes(source, spec, dist.world_size if dist else 1) if source is not None else []
     run = build_run(spec, run_dir=run_dir, base_dir=base_dir, dist=dist)
-    fresh = None
-    if source is not None and run.sharded:  # every rank reads its shard of the weights and optimizer state
-        from trainctl.optim import optimizer_settings
-        from trainctl.sharding import load_sharded
-
-        fresh = optimizer_settings(run.optimizer)
-        load_sharded(run.model, run.optimizer, source.path)
-    elif source is not None:
-        try:
-            load_weights(run.model, source.weights)
-        except CheckpointError as exc:
-            raise ConfigError("checkpoint.resume", str(exc), "resume with the model settings it was saved with") from None
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / "config.yaml", spec_yaml(spec))
-        continuing = source is not None or spec.checkpoint.resume == "auto"
-        run.writer = MetricsWriter(run_dir, spec.logging.tensorboard,
-                                   resume_step=(source.step if source else 0) if continuing else None)
-        if run.checkpointer is not None:
-            run.checkpointer.clean_stale()
     display = Display(spec.logging.progress if main else "none", run.horizon.total_steps, run.horizon.total_epochs)
     runner = Runner(run, display)
+    try:
+        if source is not None:
+            _restore(runner, source, changes)
+        if main:
+            _start_files(runner, source, run_dir)
+    except BaseException:
+        display.stop()
+        raise
     log.info("run directory: %s", run_dir)
     if source is not None:
-        runner.load_state_dict(source.state, new_settings=any(
-            line.startswith(("optimizer.", "regularization.")) for line in changes), fresh=fresh)
-        runner.last_checkpoint = str(source.path)
         log.info("resuming from %s: step %d, epoch %d, batch %d of the epoch", source.path, runner.state.step,
                  runner.state.epoch, runner.state.batch_in_epoch)
         for line in changes:
@@ -64,8 +50,6 @@ def train(spec: RunSpec, run_dir: Path, base_dir: str, dist: Optional[Distribute
         log.info("no checkpoint in %s: starting from the beginning", run_dir / "checkpoints")
     for key, value in plan(run).items():
         log.info("  %-26s %s", key, f"{value:,}" if isinstance(value, int) else value)
-    if main:
-        write_json(run_dir / "summary.json", {**runner.summary(), "status": "running", "stop_reason": None})
     if not gc.isenabled():  # switched off for the start-up of a single run (cli.py)
         gc.freeze()  # later collections skip what start-up built (its few cyclic leftovers stay)
         gc.enable()
@@ -74,6 +58,50 @@ def train(spec: RunSpec, run_dir: Path, base_dir: str, dist: Optional[Distribute
         display.summary(summary)
     log.info("summary: %s", {k: summary[k] for k in ("stop_reason", "best_metric", "steps", "wall_seconds")})
     return summary
+
+
+def _start_files(runner: Runner, source: Optional[Checkpoint], run_dir: Path) -> None:
+    """The run's first writes (rank 0): the resolved spec, the metrics writer (dropping records a killed
+    session wrote after its last checkpoint), leftovers of a killed save, and a `running` summary."""
+    run, spec = runner.run, runner.run.spec
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "config.yaml", spec_yaml(spec))
+        continuing = source is not None or spec.checkpoint.resume == "auto"
+        run.writer = MetricsWriter(run_dir, spec.logging.tensorboard,
+                                   resume_step=(source.step if source else 0) if continuing else None)
+        if run.checkpointer is not None:
+            run.checkpointer.clean_stale()
+        write_json(run_dir / "summary.json", {**runner.summary(), "status": "running", "stop_reason": None})
+    except OSError as exc:
+        raise ConfigError(None, f"cannot write into {run_dir}: {failure_text(exc, run_dir)}",
+                          "free space on that disk, or choose another run directory") from None
+
+
+def _restore(runner: Runner, source: Checkpoint, changes: List[str]) -> None:
+    """Load a checkpoint's weights and state into a freshly built run. Anything that does not fit (a
+    state saved for another model, a part missing or of the wrong kind) is a ConfigError, raised before
+    anything in the run directory changes."""
+    run = runner.run
+    fresh = None
+    try:
+        if run.sharded:  # every rank reads its shard of the weights and optimizer state
+            from trainctl.optim import optimizer_settings
+            from trainctl.sharding import load_sharded
+
+            fresh = optimizer_settings(run.optimizer)
+            load_sharded(run.model, run.optimizer, source.path)
+        else:
+            load_weights(run.model, source.weights)
+        runner.load_state_dict(source.state, new_settings=any(
+            line.startswith(("optimizer.", "regularization.")) for line in changes), fresh=fresh)
+    except CheckpointError as exc:
+        raise ConfigError("checkpoint.resume", str(exc), "resume with the model settings it was saved with") from None
+    except Exception as exc:  # a part of state.pt that does not fit this run
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+        raise ConfigError("checkpoint.resume", f"{source.path} does not fit this run: {detail}",
+                          "resume from a checkpoint this run wrote, or start a new run") from None
+    runner.last_checkpoint = str(source.path)
 
 
 def _saved_weights(path: Path) -> Tuple[Path, Optional[Checkpoint], Optional[Path]]:
@@ -99,7 +127,7 @@ def evaluate_saved(path: Path, overrides: Sequence[str], base_dir: str) -> Dict[
         spec_file, ckpt, run_dir = _saved_weights(path)
     except CheckpointError as exc:
         raise ConfigError(None, str(exc)) from None
-    spec = load_saved_spec(spec_file, overrides, base_dir)
+    spec = load_saved_spec(spec_file, overrides, base_dir, text=ckpt.spec_yaml if ckpt is not None else None)
     run = build_run(spec, base_dir=base_dir)
     weights = ckpt.weights if ckpt is not None else path / "model.safetensors"
     try:
@@ -115,7 +143,10 @@ def evaluate_saved(path: Path, overrides: Sequence[str], base_dir: str) -> Dict[
     if ckpt is not None and run.optimizer_has_modes and not ckpt.sharded:  # schedule-free: the averaged weights
         from trainctl.optim import load_optimizer_state
 
-        load_optimizer_state(run.optimizer, run.scheduler, ckpt.state["optimizer"], ckpt.state["scheduler"])
+        try:
+            load_optimizer_state(run.optimizer, run.scheduler, ckpt.state["optimizer"], ckpt.state["scheduler"])
+        except Exception as exc:  # an optimizer state that does not fit this model
+            raise ConfigError(None, f"{ckpt.path} does not fit its model: {type(exc).__name__}: {exc}") from None
         run.optimizer.eval()
     metrics = run.evaluator(run.model, run.data.val, run.precision.autocast)
     return {"weights": str(weights.resolve()), "step": ckpt.step if ckpt else None,

@@ -246,7 +246,12 @@ class TrainMeter:
 
 
 class MetricsWriter:
-    """Appends one JSON object per event to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per event to `metrics.jsonl` and mirrors scalars to TensorBoard.
+
+    A write that fails (a full disk, a file system gone read-only) is not raised into the training
+    loop: the writer stops writing, keeps the reason in :attr:`error`, and the runner decides what the
+    run does about it (`checkpoint.on_error`).
+    """
 
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: Optional[int] = None) -> None:
         """With ``resume_step``, records after that step (written by a session that was then killed)
@@ -254,27 +259,46 @@ class MetricsWriter:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None:
             truncate_metrics(self.path, resume_step)
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file: Any = open(self.path, "a", encoding="utf-8")
         self.tb_dir = run_dir / "tb" if tensorboard else None
         self.purge_step = resume_step + 1 if resume_step is not None else None
         self._tb: Any = None
+        self.error: Optional[str] = None
+        """Why writing stopped (None while it works)."""
 
     def write(self, step: int, epoch: int, values: Dict[str, float]) -> None:
+        if self.error is not None:
+            return
         record = {"step": step, "epoch": epoch, **{k: _finite_or_str(v) for k, v in values.items()}}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb_dir is not None:
-            if self._tb is None:  # importing tensorboard takes ~1 s: pay it at the first log, not at start
-                from torch.utils.tensorboard import SummaryWriter
+        target = self.path
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            if self.tb_dir is not None:
+                target = self.tb_dir
+                if self._tb is None:  # importing tensorboard takes ~1 s: pay it at the first log, not at start
+                    from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(self.tb_dir), purge_step=self.purge_step)
-            for key, value in values.items():
-                self._tb.add_scalar(key, value, step)
+                    self._tb = SummaryWriter(log_dir=str(self.tb_dir), purge_step=self.purge_step)
+                for key, value in values.items():
+                    self._tb.add_scalar(key, value, step)
+        except Exception as exc:  # OSError, or TensorBoard's writer thread re-raising one
+            from trainctl.files import failure_text
+
+            self.error = f"could not write {target}: {failure_text(exc, self.path.parent)}"
+            self.close()
 
     def close(self) -> None:
-        self.file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for closer in (self.file.close, self._tb.close if self._tb is not None else None):
+            if closer is None:
+                continue
+            try:
+                closer()
+            except Exception as exc:  # flushing the last records can fail the same way
+                from trainctl.files import failure_text
+
+                self.error = self.error or f"could not write {self.path.parent}: {failure_text(exc, self.path.parent)}"
+        self._tb = None
 
 
 def _finite_or_str(value: float) -> Any:
@@ -282,14 +306,25 @@ def _finite_or_str(value: float) -> Any:
 
 
 def read_metrics(path: Path) -> list:
-    """The records of a `metrics.jsonl`; a line cut short by a crash is ignored."""
-    records = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
+    """The records of a `metrics.jsonl`, read line by line; a line cut short by a crash is ignored, and a
+    path that is not a regular file holds none."""
+    import os
+    import stat
+
+    records: list = []
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return records
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    records.append(record)
+    except OSError:
+        pass
     return records
 
 
@@ -298,5 +333,5 @@ def truncate_metrics(path: Path, step: int) -> None:
     from trainctl.files import write_text
 
     if path.exists():
-        kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+        kept = [r for r in read_metrics(path) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
         write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

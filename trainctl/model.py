@@ -1,22 +1,20 @@
 """The `model` config group: built-in networks (mlp, cnn, gpt) and user models through `_target_`.
 
-Specs and checks are torch-free; :func:`build_model` imports the network it builds. A custom model's
-`_target_` (and every nested one) must start with an allowed module prefix before anything is
-imported, so a config cannot call arbitrary functions such as ``os.system``.
+Specs and checks are torch-free; :func:`build_model` imports the network it builds. A custom model is
+built by :mod:`trainctl.targets`: every `_target_` in it must resolve to an ``nn.Module`` class defined
+under an allowed module prefix, so a config cannot reach functions such as ``os.system``.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
-import sys
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
-from trainctl.errors import ConfigError, check, check_choice, suggestion
+from trainctl import targets
+from trainctl.errors import ConfigError, check, check_choice
 from trainctl.registry import Registry
 
 if TYPE_CHECKING:
@@ -25,8 +23,6 @@ if TYPE_CHECKING:
     from trainctl.data import DataInfo
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "leaky_relu")
-BUILTIN_TARGET_PREFIXES = ("trainctl.", "torch.nn.")
-"""Modules a `_target_` may always come from; `allowed_target_prefixes` adds the user's own."""
 AUTO_ARGS = ("input_shape", "in_features", "out_features", "num_classes", "vocab_size", "seq_len")
 """Constructor arguments of a custom model that trainctl fills from the data when the config omits them."""
 
@@ -166,31 +162,9 @@ def validate_model(spec: Any, allowed_prefixes: Sequence[str], key: str = "model
     if not is_custom(spec):
         spec.validate(key)
         return
-    target = spec.get("_target_")
-    check(isinstance(target, str) and target not in ("", "???"), f"{key}._target_",
+    check(isinstance(spec.get("_target_"), str) and spec.get("_target_") not in ("", "???"), f"{key}._target_",
           "a custom model needs the import path of its class", f"set {key}._target_=my_package.MyNet")
-    for path, value in _targets(spec, key):
-        check_target(value, path, allowed_prefixes)
-
-
-def check_target(target: str, key: str, allowed_prefixes: Sequence[str]) -> None:
-    prefixes = tuple(BUILTIN_TARGET_PREFIXES) + tuple(allowed_prefixes)
-    if not target.startswith(prefixes):
-        module = target.rsplit(".", 1)[0]
-        raise ConfigError(key, f"'{target}' is not under an allowed module prefix ({', '.join(prefixes)})",
-                          f"if you trust it, allow it with allowed_target_prefixes=[{module}.]")
-
-
-def _targets(node: Any, key: str):
-    if isinstance(node, Mapping):
-        for k, v in node.items():
-            if k == "_target_":
-                yield f"{key}._target_", str(v)
-            else:
-                yield from _targets(v, f"{key}.{k}")
-    elif isinstance(node, (list, tuple)):
-        for i, v in enumerate(node):
-            yield from _targets(v, f"{key}[{i}]")
+    targets.check_paths(spec, key, targets.normalize_prefixes(allowed_prefixes))
 
 
 def task_compatible(spec: Any, task: str, input_rank: int) -> Optional[str]:
@@ -219,31 +193,12 @@ def build_model(spec: Any, info: "DataInfo", out_features: int, base_dir: str,
 
 def _build_custom(spec: Mapping, info: "DataInfo", out_features: int, base_dir: str,
                   allowed_prefixes: Sequence[str]) -> "nn.Module":
-    from hydra.utils import instantiate
+    from torch import nn
 
-    validate_model(spec, allowed_prefixes)
-    if base_dir not in sys.path:
-        sys.path.insert(0, base_dir)  # the user's own modules, as `python -m` would find them
-    target = spec["_target_"]
-    module_name, _, attr = target.rpartition(".")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError("model._target_", f"cannot import '{target}': {exc}",
-                          "check the module path and that it is importable from this directory") from None
-    params = inspect.signature(factory).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    given = {k for k in spec if k != "_target_"}
-    for key in sorted(given):
-        if not takes_any and key not in params:
-            raise ConfigError(f"model.{key}", f"{target} takes no argument '{key}'.{suggestion(key, params)}",
-                              f"remove it (~model.{key}) or use one of: {', '.join(params)}")
     facts = {"input_shape": tuple(info.input_shape), "in_features": math.prod(info.input_shape),
              "out_features": out_features, "num_classes": out_features, "vocab_size": info.vocab_size,
              "seq_len": info.input_shape[0]}
-    extras = {k: v for k, v in facts.items() if k in params and k not in given}
-    config = OmegaConf.create(dict(spec)) if not isinstance(spec, (DictConfig, ListConfig)) else spec
-    return instantiate(config, **extras)
+    return targets.build(spec, "model", targets.normalize_prefixes(allowed_prefixes), nn.Module, base_dir, facts)
 
 
 def apply_dropout(model: "nn.Module", p: Optional[float]) -> int:

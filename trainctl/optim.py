@@ -194,6 +194,12 @@ class AdafactorSpec(OptimizerSpec):
     d: float = 1.0
     """Clipping threshold of the update's RMS."""
 
+    def validate(self, key: str = "optimizer") -> None:
+        super().validate(key)
+        check(self.d >= 1, f"{key}.d", f"must be >= 1 (got {self.d})", f"set {key}.d=1.0")
+        check(self.beta2_decay <= 0, f"{key}.beta2_decay", f"must be <= 0 (got {self.beta2_decay})",
+              f"set {key}.beta2_decay=-0.8")
+
 
 @dataclass
 class ScheduleFreeAdamWSpec(OptimizerSpec):
@@ -287,7 +293,12 @@ def build_optimizer(spec: OptimizerSpec, groups: List[dict]) -> "torch.optim.Opt
         group["lr"] = group.pop("base_lr", spec.lr) * group.pop("lr_scale")
         group.pop("names")
         final.append(group)
-    return _import(info.target)(final, lr=spec.lr, **spec.kwargs())
+    cls = _import(info.target)
+    try:
+        return cls(final, lr=spec.lr, **spec.kwargs())
+    except (ValueError, TypeError) as exc:  # a combination of settings the optimizer itself refuses
+        raise ConfigError("optimizer", f"{cls.__name__} refused its settings: {exc}",
+                          "change the optimizer.* value it names (`trainctl show` lists them)") from None
 
 
 def has_train_eval_modes(spec: OptimizerSpec) -> bool:
@@ -303,6 +314,22 @@ def optimizer_settings(optimizer: "torch.optim.Optimizer") -> List[Dict[str, Any
     return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
 
 
+def check_optimizer_state(optimizer: "torch.optim.Optimizer") -> None:
+    """Every state tensor of a parameter must have the parameter's shape, or a factored one (each
+    dimension equal or 1, as Adafactor keeps); a state saved for another model raises ValueError here
+    instead of failing at the first step."""
+    import torch
+
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if not isinstance(value, torch.Tensor) or value.ndim == 0:
+                    continue
+                if value.ndim != param.ndim or any(a not in (b, 1) for a, b in zip(value.shape, param.shape)):
+                    raise ValueError(f"the optimizer state '{key}' has shape {tuple(value.shape)} for a parameter "
+                                     f"of shape {tuple(param.shape)}")
+
+
 def load_optimizer_state(optimizer: "torch.optim.Optimizer", scheduler: Any, saved_optimizer: Optional[Dict[str, Any]],
                          saved_scheduler: Dict[str, Any], new_settings: bool = False,
                          fresh: Optional[List[Dict[str, Any]]] = None) -> None:
@@ -316,6 +343,7 @@ def load_optimizer_state(optimizer: "torch.optim.Optimizer", scheduler: Any, sav
     fresh = fresh or optimizer_settings(optimizer)
     if saved_optimizer is not None:
         optimizer.load_state_dict(saved_optimizer)
+    check_optimizer_state(optimizer)
     scheduler.load_state_dict(saved_scheduler)
     if not new_settings:
         return

@@ -17,7 +17,10 @@ import datetime
 import faulthandler
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence
 
@@ -34,6 +37,8 @@ SHARDING = ("full_shard", "shard_grad_op", "no_shard", "hybrid")
 BACKENDS = ("auto", "gloo", "nccl")
 LAUNCHED_BY_TRAINCTL = "TRAINCTL_LAUNCHED"
 """Set in the environment of the ranks trainctl starts, so they do not start torchrun again."""
+AGENT_PID = "TRAINCTL_AGENT_PID"
+"""The pid of the torchrun agent trainctl started (the ranks' parent)."""
 
 
 @dataclass
@@ -142,9 +147,10 @@ def should_self_launch(spec: ParallelismSpec) -> bool:
 
 
 def torchrun_command(spec: ParallelismSpec, overrides: Sequence[str], run_dir: str) -> List[str]:
-    """The torchrun command that starts the ranks of a run whose directory is already decided."""
+    """The torchrun command that starts the ranks of a run whose directory is already decided (run through
+    :mod:`trainctl.torchrun`, so it ends when this process does)."""
     resume = ["checkpoint.resume=auto"] if spec.max_restarts else []
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={spec.nproc_per_node}",
+    command = [sys.executable, "-m", "trainctl.torchrun", str(os.getpid()), f"--nproc_per_node={spec.nproc_per_node}",
                f"--nnodes={spec.nnodes}", f"--max_restarts={spec.max_restarts}"]
     if spec.nnodes > 1:
         command += [f"--node_rank={spec.node_rank}", f"--rdzv_endpoint={spec.rdzv_endpoint}", "--rdzv_backend=static"]
@@ -183,6 +189,35 @@ def self_launch(spec: ParallelismSpec, overrides: Sequence[str], run_dir: str) -
                 continue
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
+    """Get ``sig`` when the process ``parent`` (this process's parent) ends, however it ends: the kernel's
+    parent-death signal on Linux, a thread watching the parent elsewhere. If it has ended already, now."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            armed = ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os.kill(os.getpid(), sig)
+        threading.Thread(target=watch, name="trainctl-parent-watch", daemon=True).start()
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+
+
+def follow_launcher() -> None:
+    """A rank under torchrun stops (SIGTERM: a checkpoint at the next agreed step) when torchrun's agent
+    dies, instead of training on unsupervised."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and AGENT_PID not in os.environ:
+        return
+    die_with_parent(int(os.environ.get(AGENT_PID) or os.getppid()))
 
 
 # --- the process group ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from trainctl import data as data_mod
 from trainctl.checkpoint import Checkpoint, committed, find_source, newest_valid
 from trainctl.errors import ConfigError, did_you_mean
-from trainctl.files import CheckpointError
+from trainctl.files import SPEC_FILE_BYTES, CheckpointError, read_text_bounded
 from trainctl.loss import LOSSES
 from trainctl.model import MODELS
 from trainctl.optim import OPTIMIZERS
@@ -47,7 +47,7 @@ def flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def _spec_dict(text: str) -> Dict[str, Any]:
-    return flatten(OmegaConf.to_container(OmegaConf.create(text), resolve=True))
+    return flatten(OmegaConf.to_container(parse_saved_spec(text, Path("spec.yaml")), resolve=True))
 
 
 def spec_changes(saved_yaml: str, spec: RunSpec, world_size: Tuple[int, int] = (1, 1)) -> Tuple[List[str], List[str]]:
@@ -105,23 +105,31 @@ def find_resume_source(spec: RunSpec, run_dir: Path) -> Optional[Checkpoint]:
 # --- a spec from a run directory ---------------------------------------------------------------------
 
 def _typed(saved: DictConfig) -> DictConfig:
-    """Rebuild the typed config (each group node as its option's dataclass) from plain saved YAML."""
+    """Rebuild the typed config (each group node as its option's dataclass) from plain saved YAML; a value
+    of the wrong type is a ConfigError naming its key."""
+    from omegaconf.errors import OmegaConfBaseException
+
     cfg = OmegaConf.structured(RunSpec)
-    for group, registry in GROUPS.items():
-        node = saved.get(group)
-        if group == "model" and "_target_" in node:
-            cfg.model = node
-            continue
-        try:
-            entry = registry.get(node.name)
-        except ConfigError as exc:
-            raise ConfigError(f"{group}.name", f"the saved spec names {exc.message}") from None
-        cfg[group] = OmegaConf.merge(OmegaConf.structured(entry.spec), node)
-    parallelism = saved.get("parallelism")
-    if parallelism is not None and parallelism.get("name") in PARALLELISM_SPECS:
-        cfg.parallelism = OmegaConf.merge(OmegaConf.structured(PARALLELISM_SPECS[parallelism.name]), parallelism)
-    rest = {k: v for k, v in saved.items() if k not in GROUPS and k != "parallelism"}
-    return OmegaConf.merge(cfg, rest)
+    try:
+        for group, registry in GROUPS.items():
+            node = saved.get(group)
+            if group == "model" and "_target_" in node:
+                cfg.model = node
+                continue
+            try:
+                entry = registry.get(str(node.get("name")))
+            except ConfigError as exc:
+                raise ConfigError(f"{group}.name", f"the saved spec names {exc.message}") from None
+            cfg[group] = OmegaConf.merge(OmegaConf.structured(entry.spec), node)
+        parallelism = saved.get("parallelism")
+        if isinstance(parallelism, DictConfig) and parallelism.get("name") in PARALLELISM_SPECS:
+            cfg.parallelism = OmegaConf.merge(OmegaConf.structured(PARALLELISM_SPECS[parallelism.name]), parallelism)
+        rest = {k: v for k, v in saved.items() if k not in GROUPS and k != "parallelism"}
+        return OmegaConf.merge(cfg, rest)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or None
+        raise ConfigError(key, f"the saved spec does not fit: {str(exc).splitlines()[0]}",
+                          "restore the file trainctl wrote") from None
 
 
 def _keys(node: Any, prefix: str = "") -> List[str]:
@@ -149,13 +157,36 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
-def load_saved_spec(path: Path, overrides: Sequence[str], base_dir: str) -> RunSpec:
-    """The validated spec of a saved run (`config.yaml` or a checkpoint's `spec.yaml`) plus overrides."""
+def parse_saved_spec(text: str, source: Path) -> DictConfig:
+    """A saved spec's YAML as a config: plain values only (a `!!python/...` tag, or anything that is not
+    a mapping of the run's groups, is a ConfigError naming the file)."""
+    import yaml
+
     try:
-        saved = OmegaConf.load(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(None, f"cannot read {path}: {exc}") from None
-    assert isinstance(saved, DictConfig)
+        saved = OmegaConf.create(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(None, f"{source} is not a plain YAML spec{line}: {problem}",
+                          "a saved spec holds plain values only: restore the file trainctl wrote") from None
+    except ValueError as exc:
+        raise ConfigError(None, f"{source} is not a YAML spec: {str(exc).splitlines()[0]}") from None
+    if not isinstance(saved, DictConfig) or not all(isinstance(saved.get(g), DictConfig) for g in GROUPS):
+        raise ConfigError(None, f"{source} is not a trainctl run spec (it lacks the config groups)",
+                          "restore the file trainctl wrote")
+    return saved
+
+
+def load_saved_spec(path: Path, overrides: Sequence[str], base_dir: str, text: Optional[str] = None) -> RunSpec:
+    """The validated spec of a saved run (`config.yaml` or a checkpoint's `spec.yaml`, or its ``text``
+    when already read) plus overrides."""
+    if text is None:
+        try:
+            text = read_text_bounded(path, SPEC_FILE_BYTES)
+        except OSError as exc:
+            raise ConfigError(None, f"cannot read {path}: {exc.strerror or exc}") from None
+    saved = parse_saved_spec(text, path)
     cfg = _typed(saved)
     cfg.checkpoint.resume = None  # where the saved run came from is history, not an instruction
     return load_spec(apply_overrides(cfg, overrides), base_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -54,7 +55,10 @@ class Runner(Saving):
         """Seconds from process start to the end of this session's first optimizer step."""
         self.lr = 0.0
         self.signal: Optional[int] = None
-        self._stop_pending = False
+        self._stop_pending: Optional[str] = None
+        """Under DDP/FSDP: why this rank wants the job to stop (a signal, a failed write), until the ranks agree."""
+        self.write_error: Optional[str] = None
+        """Why metrics.jsonl or TensorBoard could not be written (the writer stopped)."""
         self.last_checkpoint: Optional[str] = None
         self.checkpoint_error: Optional[str] = None
         self._improved = False
@@ -196,9 +200,11 @@ class Runner(Saving):
     def _agree_on_stop(self) -> None:
         """A signal reaches the ranks at different moments; they stop together, at the first log step
         or epoch end where any of them has one."""
-        assert self.run.dist is not None
-        if self.run.dist.any(self._stop_pending) and self.state.stop_reason is None:
-            self.state.request_stop("interrupted")
+        dist = self.run.dist
+        assert dist is not None
+        if dist.any(self._stop_pending is not None) and self.state.stop_reason is None:
+            # rank 0's reason when it has one (a failed write is only seen there), else a signal's
+            self.state.request_stop(dist.broadcast(self._stop_pending) or "interrupted")
 
     def _eval_due(self, epoch_end: bool, last: bool) -> bool:
         run, state = self.run, self.state
@@ -273,9 +279,30 @@ class Runner(Saving):
 
     def _record(self, values: Dict[str, float]) -> None:
         self.final.update(values)
-        if self.run.writer is not None:
-            self.run.writer.write(self.state.step, self.state.epoch, values)
+        writer = self.run.writer
+        if writer is not None and writer.error is None:
+            writer.write(self.state.step, self.state.epoch, values)
+            if writer.error is not None:
+                self._write_failed(writer.error)
         self.display.report(self.state.step, self.state.epoch, values)
+
+    def _write_failed(self, error: str) -> None:
+        """metrics.jsonl or TensorBoard can no longer be written: stop cleanly (the last checkpoint stays
+        valid), or with `checkpoint.on_error=continue` train on without them."""
+        self.write_error = error
+        if self.run.spec.checkpoint.on_error == "continue":
+            log.error("%s; training continues without metrics (checkpoint.on_error=continue)", error)
+            return
+        kept = f"the last checkpoint ({self.last_checkpoint}) stays valid" if self.last_checkpoint else "no checkpoint was saved"
+        log.error("%s; the run stops and %s (set checkpoint.on_error=continue to train on without metrics)", error, kept)
+        self._stop("failed")
+
+    def _stop(self, reason: str) -> None:
+        """Stop at this step boundary; under DDP/FSDP at the next one all ranks agree on."""
+        if self.run.dist is None:
+            self.state.request_stop(reason)
+        elif self._stop_pending is None:
+            self._stop_pending = reason
 
     # --- stopping and finishing ---------------------------------------------------------------------
 
@@ -291,7 +318,7 @@ class Runner(Saving):
                 raise KeyboardInterrupt
             self.signal = self.signal or signum
             if self.run.dist is not None:
-                self._stop_pending = True
+                self._stop_pending = self._stop_pending or "interrupted"
                 log.warning("%s received: every process stops at the next log step or epoch end and a "
                             "checkpoint is saved (press Ctrl-C again to stop now)", signal.Signals(signum).name)
                 return
@@ -337,6 +364,8 @@ class Runner(Saving):
             summary["signal"], summary["signal_number"] = signal.Signals(self.signal).name, int(self.signal)
         if self.checkpoint_error:
             summary["checkpoint_error"] = self.checkpoint_error
+        if self.write_error:
+            summary["error" if reason == "failed" and error is None else "logging_error"] = self.write_error
         if error is not None and not isinstance(error, KeyboardInterrupt):
             summary["error"] = f"{type(error).__name__}: {error}"
         return summary
@@ -372,16 +401,22 @@ class Runner(Saving):
             for callback in run.callbacks:
                 callback.on_fit_end(state, run.model)
         self._optimizer_mode("eval")  # schedule-free: the saved weights are the averaged ones
-        if run.run_dir is not None and state.stop_reason not in ("diverged", "failed"):
+        crashed = error is not None and not isinstance(error, KeyboardInterrupt)
+        if run.run_dir is not None and state.stop_reason != "diverged" and not crashed:
             self._save_final_weights(run.run_dir / "model.safetensors", error is None)
         summary = self.summary(error)
         if run.compile_clock is not None:
             run.compile_clock.close()
+        if run.writer is not None:
+            run.writer.close()
+            if run.writer.error is not None and self.write_error is None:  # the last records could not be flushed
+                self.write_error = summary["logging_error"] = run.writer.error
+                log.error("%s", run.writer.error)
         if run.run_dir is not None and run.is_main:
-            try:
-                write_json(run.run_dir / "summary.json", summary)
+            try:  # in place if the disk has no room for a new copy: the run's end is recorded either way
+                write_json(run.run_dir / "summary.json", summary, in_place_when_full=True)
             except OSError as exc:
                 log.error("could not write the summary: %s", exc.strerror or exc)
-            if run.writer is not None:
-                run.writer.close()
+                print(f"trainctl: error: could not write {run.run_dir / 'summary.json'}: {exc.strerror or exc}",
+                      file=sys.stderr, flush=True)
         return summary

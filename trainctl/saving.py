@@ -17,6 +17,8 @@ from trainctl.files import CheckpointError, save_weights
 from trainctl.spec import spec_yaml
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from trainctl.build import Run
     from trainctl.metrics import TrainMeter
     from trainctl.state import RunState
@@ -145,7 +147,7 @@ class Saving:
             rng = rng[run.dist.rank if run.dist is not None else 0]
         set_rng_state(rng)
 
-    def _save_final_weights(self, path: Any, together: bool) -> None:
+    def _save_final_weights(self, path: "Path", together: bool) -> None:
         """``model.safetensors`` of the run directory: written by rank 0; under FSDP gathered from every
         rank first, which needs them all here (``together``: not on the way out of an exception)."""
         run = self.run
@@ -159,5 +161,11 @@ class Saving:
                 export_weights(run.model, path, meta, run.is_main)
             elif run.is_main:
                 save_weights(run.model, path, meta)
-        except OSError as exc:
-            log.error("could not write %s: %s", path, exc.strerror or exc)
+        except Exception as exc:  # a full disk (safetensors has its own error type), permissions, ...
+            from trainctl.files import failure_text
+
+            self.checkpoint_error = f"could not write {path}: {failure_text(exc, path.parent)}"
+            log.error("%s%s", self.checkpoint_error, f"; the last checkpoint ({self.last_checkpoint}) holds the state"
+                      if self.last_checkpoint else "")
+            if self.state.stop_reason in ("completed", "early_stopped"):
+                self.state.stop_reason = "checkpoint_failed"

@@ -33,6 +33,7 @@ from trainctl.performance import PerformanceSpec
 from trainctl.precision import PRECISIONS, PrecisionSpec
 from trainctl.regularization import RegularizationSpec
 from trainctl.schedule import SCHEDULERS, SchedulerSpec
+from trainctl.targets import normalize_prefixes
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -121,7 +122,8 @@ class RunSpec:
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     early_stopping: EarlyStoppingSpec = field(default_factory=EarlyStoppingSpec)
     allowed_target_prefixes: List[str] = field(default_factory=list)
-    """Module prefixes (besides trainctl. and torch.nn.) that `_target_` entries may import from."""
+    """Module prefixes (besides trainctl. and torch.nn.) that `_target_` entries may import from; the
+    classes they name must still be nn.Module subclasses defined under one of these prefixes."""
 
     def resolve_paths(self, base_dir: str) -> None:
         self.data.resolve_paths(base_dir)
@@ -129,11 +131,13 @@ class RunSpec:
 
     def validate(self) -> None:
         """Every group's own checks, then the checks that involve more than one group."""
+        check_finite(self)
         for key, registry in (("data", data_mod.DATASETS), ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
                               ("precision", PRECISIONS), ("loss", LOSSES)):
             _check_option(key, getattr(self, key), registry)
         if not is_custom(self.model):
             _check_option("model", self.model, MODELS)
+        normalize_prefixes(self.allowed_target_prefixes)
         validate_model(self.model, self.allowed_target_prefixes)
         for key in ("data", "optimizer", "scheduler", "regularization", "precision", "performance", "parallelism",
                     "loss", "trainer", "logging", "checkpoint", "early_stopping"):
@@ -188,6 +192,24 @@ class RunSpec:
         if node is not self.trainer and node.monitor == "auto":
             return self.monitor_mode(task)
         return MODE_OF.get(self.monitor(task, node).split("/")[-1], "min")
+
+
+def check_finite(node: Any, key: str = "", fix: str = "") -> None:
+    """Every float setting must be a finite number: none of them gives `inf` or `nan` a meaning. The
+    arguments of a custom model (`model=custom`) are the user's own and are left alone."""
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        for f in dataclasses.fields(node):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            child = f"{key}.{f.name}" if key else f.name
+            check_finite(getattr(node, f.name), child, f"set {child}={default}" if isinstance(default, float) else "")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(key, f"must be a finite number (got {node})", fix or f"set {key} to a finite number")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            check_finite(value, f"{key}[{i}]", fix or f"set {key}=[...] with finite numbers")
+    elif isinstance(node, (dict, DictConfig)) and key != "model":
+        for name, value in node.items():
+            check_finite(value, f"{key}.{name}", fix)
 
 
 def _check_option(key: str, spec: Any, registry: Any) -> None:
@@ -266,8 +288,21 @@ def register_configs() -> None:
     for name, schema in PARALLELISM_SPECS.items():
         store.store(group="schema/parallelism", name=name, node=schema)
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+        store.store(group="recipe", name=path.stem, node=_load_recipe(path), package="_global_")
     _registered = True
+
+
+def _load_recipe(path: Path) -> DictConfig:
+    import yaml
+
+    try:
+        node = OmegaConf.load(path)
+    except (yaml.YAMLError, ValueError, OSError) as exc:
+        raise ConfigError("recipe", f"{path} cannot be read as a config: {str(exc).splitlines()[0]}",
+                          "recipes hold plain YAML values only: fix or remove that file") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError("recipe", f"{path} is not a mapping of config keys", "fix or remove that file")
+    return node
 
 
 def recipe_headers() -> dict[str, str]:

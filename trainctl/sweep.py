@@ -185,18 +185,23 @@ def check_fresh_sweep_dir(hydra_cfg: DictConfig, base_dir: str) -> None:
 
 # --- one sweep job -----------------------------------------------------------------------------------
 
-def record_failure(run_dir: Path, stop_reason: str, error: str) -> None:
+def record_failure(run_dir: Path, stop_reason: str, error: str, **facts: Any) -> None:
     """Leave the reason a job failed in its `summary.json`, unless the directory already holds the
-    summary of a run that got further (a training failure is recorded by the run itself)."""
+    summary of a run that got further (a training failure is recorded by the run itself) or another
+    process owns it now."""
+    from trainctl import rundir
     from trainctl.files import write_json
 
-    existing = RunRecord.load(run_dir)
-    if existing.summary and existing.status != "running":
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "summary.json", {
-        **existing.summary, "status": "failed", "stop_reason": stop_reason, "error": error,
-        "best_metric": existing.summary.get("best_metric"), "run_dir": str(run_dir)})
+    try:
+        with rundir.owning(run_dir, None):
+            existing = RunRecord.load(run_dir)
+            if existing.summary and existing.status != "running":
+                return
+            write_json(run_dir / "summary.json", {
+                **existing.summary, "status": "failed", "stop_reason": stop_reason, "error": error,
+                "best_metric": existing.summary.get("best_metric"), "run_dir": str(run_dir), **facts})
+    except (ConfigError, OSError) as exc:
+        log.error("could not record the failure in %s: %s", run_dir, exc)
 
 
 class FailedJob:
@@ -226,8 +231,13 @@ def _say(run_dir: Path, message: str) -> None:
 
 def run_job(train: Callable[[], Tuple[Dict[str, Any], str]], run_dir: Path) -> Union[float, FailedJob]:
     """Run one sweep job: the value of its optimized metric, or (recorded) a FailedJob."""
+    from trainctl.rundir import RunDirBusy
+
     try:
         summary, metric = train()
+    except RunDirBusy as error:  # another process owns the directory: leave it alone
+        _say(run_dir, str(error))
+        return FailedJob(str(run_dir), one_line(str(error)))
     except ConfigError as error:
         _say(run_dir, str(error))
         record_failure(run_dir, "config_error", str(error))
