@@ -1,6 +1,8 @@
 """Run the trainctl CLI with a fault injected, as a separate process the tests can kill.
 
     python tests/faults.py kill-after-step K  -- run ARGS...   # SIGKILL itself right after optimizer step K
+    python tests/faults.py term-after-step K  -- run ARGS...   # SIGTERM itself right after optimizer step K
+                                                               # (before that step's evaluation and checkpoint)
     python tests/faults.py stall-save N FLAG  -- run ARGS...   # the N-th state.pt write stops half-way,
                                                                # touches FLAG and hangs (the test kills it)
     torchrun ... tests/faults.py raise-once K RANK FLAG -- run ARGS...
@@ -15,7 +17,7 @@ import sys
 import time
 
 
-def kill_after_step(step: int) -> None:
+def signal_after_step(step: int, sig: int) -> None:
     from trainctl.runner import Runner
 
     original = Runner.train_step
@@ -23,7 +25,7 @@ def kill_after_step(step: int) -> None:
     def train_step(self, window):
         original(self, window)
         if self.state.step == step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)
 
     Runner.train_step = train_step
 
@@ -73,7 +75,9 @@ def main() -> None:
     split = args.index("--")
     fault, params, cli = args[0], args[1:split], args[split + 1:]
     if fault == "kill-after-step":
-        kill_after_step(int(params[0]))
+        signal_after_step(int(params[0]), signal.SIGKILL)
+    elif fault == "term-after-step":
+        signal_after_step(int(params[0]), signal.SIGTERM)
     elif fault == "stall-save":
         stall_save(int(params[0]), params[1])
     elif fault == "raise-once":

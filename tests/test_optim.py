@@ -82,3 +82,64 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
     assert muon and all(n.startswith("blocks.") and n.endswith("weight") for n in muon)
     assert "tok_embed.weight" not in muon and "pos_embed.weight" not in muon
     assert all(g["lr"] == pytest.approx(0.02 if g["use_muon"] else 3e-4) for g in optimizer.param_groups)
+
+
+def _changed(value):
+    """A value of the same kind, different from ``value`` and still valid for every optimizer."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 2 if abs(value) >= 1 else value * 0.5 if value else 0.05
+    if isinstance(value, (list, tuple)):
+        return [_changed(v) if v is not None else None for v in value]
+    raise TypeError(value)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS.names())
+def test_every_setting_of_an_optimizer_reaches_it(name):
+    """betas, momentum, nesterov, eps, ... as configured, in the optimizer's own hyperparameters."""
+    defaults = compose([f"optimizer={name}"]).optimizer
+    overrides = []
+    for key, value in defaults.kwargs().items():
+        if name == "sgd" and key == "dampening":
+            continue  # Nesterov needs dampening 0, and flipping nesterov is checked below
+        new = _changed(value)
+        overrides.append(f"optimizer.{key}=" + (str(new).replace("None", "null").replace(" ", "")
+                                                if isinstance(new, list) else str(new).lower() if isinstance(new, bool)
+                                                else str(new)))
+    spec = compose([f"optimizer={name}", *overrides]).optimizer
+    optimizer = build_optimizer(spec, param_groups(_mlp(), RegularizationSpec(weight_decay=0.01)))
+    for key, value in spec.kwargs().items():
+        assert value != getattr(defaults, key) or (name, key) == ("sgd", "dampening")
+        groups, group_key = optimizer.param_groups, key
+        if name == "muon":  # Muon's own settings live in its groups, adamw_* in the AdamW groups
+            muon = not key.startswith("adamw_")
+            groups = [g for g in optimizer.param_groups if g["use_muon"] == muon]
+            group_key = {"adamw_betas": "betas", "adamw_eps": "eps", "adamw_lr": "lr"}.get(key, key)
+        assert groups
+        for group in groups:
+            got = group.get(group_key, optimizer.defaults.get(group_key))
+            assert got == (tuple(value) if isinstance(value, (list, tuple)) else value), (name, key, got, value)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS.names())
+def test_excluded_biases_keep_their_value_under_decay_only_updates(name):
+    """Zero gradients, weight decay 0.1: decayed weights move (decoupled or as an L2 term), biases and norm
+    weights excluded from decay stay exactly as they were."""
+    spec = compose([f"optimizer={name}"]).optimizer
+    model = _mlp()
+    optimizer = build_optimizer(spec, param_groups(model, RegularizationSpec(weight_decay=0.1)))
+    if OPTIMIZERS.get(name).train_eval:
+        optimizer.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(5):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+    for n, p in model.named_parameters():
+        if p.ndim < 2:
+            assert torch.equal(p, before[n]), f"{name}: {n} was decayed"
+        else:
+            assert p.abs().sum() < before[n].abs().sum(), f"{name}: {n} was not decayed"

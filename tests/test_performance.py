@@ -128,6 +128,20 @@ def test_compile_gives_the_losses_of_eager_with_accumulation_clipping_and_checkp
                                                            rel=0.01)
 
 
+@pytest.mark.slow
+def test_compile_gives_the_losses_of_eager_on_the_gpt_with_tied_weights(tmp_path, text_file):
+    args = _gpt(text_file, "model.dropout=0", "trainer.max_steps=6", "trainer.max_epochs=null",
+                "trainer.grad_accum_steps=2", "regularization.max_grad_norm=0.5", "logging.log_every_n_steps=1",
+                "trainer.eval_every_n_steps=6", "trainer.eval_every_n_epochs=null", "checkpoint=off")
+    eager = fit(tmp_path, args, name="eager")
+    compiled = fit(tmp_path, [*args, "performance=compiled"], name="compiled")
+    torch.testing.assert_close(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rtol=1e-4, atol=0)
+    assert compiled["final"]["val/loss"] == pytest.approx(eager["final"]["val/loss"], rel=1e-4)
+    weights = load_file(str(tmp_path / "compiled" / "model.safetensors"))
+    assert ("tok_embed.weight" in weights) != ("head.weight" in weights), "the tied weight is stored once"
+    assert weights.keys() == load_file(str(tmp_path / "eager" / "model.safetensors")).keys()
+
+
 def test_channels_last_keeps_the_math_and_its_memory_format(tmp_path):
     args = ["model=cnn", "trainer.max_steps=6", "trainer.max_epochs=null", "logging.log_every_n_steps=1",
             "trainer.eval_every_n_epochs=null", "checkpoint=off"]
@@ -139,7 +153,8 @@ def test_channels_last_keeps_the_math_and_its_memory_format(tmp_path):
     assert x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
     fit(tmp_path, args, name="eager")
     fit(tmp_path, [*args, "performance.channels_last=true"], name="cl")
-    torch.testing.assert_close(_losses(tmp_path / "cl"), _losses(tmp_path / "eager"), rtol=1e-5, atol=0)
+    # channels-last convolutions run other kernels: equal up to float rounding
+    torch.testing.assert_close(_losses(tmp_path / "cl"), _losses(tmp_path / "eager"), rtol=1e-4, atol=0)
 
 
 def test_channels_last_is_refused_without_image_data():
@@ -173,7 +188,8 @@ def test_throughput_readings_reach_metrics_and_summary(tmp_path, text_file):
     assert summary["tokens_per_second"] == pytest.approx(summary["samples_per_second"] * 32, rel=1e-6)
     assert summary["mfu"] == pytest.approx(summary["tflops"] / 0.5) and summary["peak_memory_mib"] > 50
     assert summary["time_to_first_step_seconds"] > 0 and 0 <= summary["data_wait_share"] <= 1
-    assert summary["step_seconds"] == pytest.approx(summary["train_seconds"] / 6, rel=0.01)
+    # train_seconds is rounded to the millisecond: at most 0.5 ms over 6 steps
+    assert summary["step_seconds"] == pytest.approx(summary["train_seconds"] / 6, rel=0.01, abs=1e-4)
 
 
 def test_the_loop_reads_the_device_only_when_it_logs(tmp_path, monkeypatch):

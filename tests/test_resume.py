@@ -1,6 +1,7 @@
-"""Exact resume: a run killed at any point (SIGKILL mid-epoch, at an epoch boundary, in the middle of
-writing a checkpoint, or stopped by SIGTERM) and then resumed ends with the same weights, bit for bit,
-and the same metrics.jsonl as the run done without interruption."""
+"""Exact resume, with real processes and real signals: a run killed at any point (SIGKILL mid-epoch, at an
+epoch boundary, with DataLoader workers, in the middle of writing a checkpoint, or stopped by SIGTERM -
+also at the moment an evaluation is due) and then resumed ends with the same weights, bit for bit, and
+the same metrics.jsonl and TensorBoard scalars as the run done without interruption."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from conftest import REPO, run_then_signal, trainctl
 from trainctl.metrics import TIMING_KEYS
 
 FAULTS = str(REPO / "tests" / "faults.py")
-COMMON = ["logging.progress=plain", "logging.log_every_n_steps=3", "logging.tensorboard=false"]
+COMMON = ["logging.progress=plain", "logging.log_every_n_steps=3", "logging.tensorboard=true"]
 MID_EPOCH = [*COMMON, "trainer.max_epochs=4", "trainer.grad_accum_steps=2", "scheduler=onecycle",
              "regularization.dropout=0.2", "checkpoint.every_n_steps=5", "checkpoint.every_n_epochs=null"]
 """12 optimizer steps per epoch (23 batches, accumulation 2), 48 in all; dropout draws random numbers."""
@@ -41,12 +42,23 @@ def _metrics(run_dir: Path) -> List[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
+def _scalars(run_dir: Path) -> Dict[str, List[tuple]]:
+    """TensorBoard's scalars of a run, (step, value) per tag, without the wall-clock readings."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+            if tag not in TIMING_KEYS}
+
+
 def _assert_same_run(resumed: Path, reference: Path) -> None:
     a, b = _weights(resumed), _weights(reference)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resuming"
     assert _metrics(resumed) == _metrics(reference), "metrics.jsonl differs (duplicated, missing or changed steps)"
+    assert _scalars(resumed) == _scalars(reference), "TensorBoard differs (the killed session's records stayed?)"
     assert json.loads((resumed / "summary.json").read_text())["stop_reason"] == "completed"
 
 
@@ -70,9 +82,14 @@ def reference(tmp_path_factory):
     return get
 
 
+WORKERS = [*MID_EPOCH, "data.num_workers=2"]
+"""The same batches through a DataLoader with two worker processes."""
+
+
 @pytest.mark.parametrize("name,args,kill_at,resumes_from", [
     ("mid_epoch", MID_EPOCH, 28, 25),          # step 25 is one step into the third epoch
     ("epoch_boundary", EPOCH_BOUNDARY, 52, 46),  # step 46 ends the second epoch
+    ("workers", WORKERS, 34, 30),
 ])
 def test_sigkill_then_resume_is_bitwise_equal(tmp_path, reference, name, args, kill_at, resumes_from):
     run_dir = tmp_path / "run"
@@ -111,6 +128,23 @@ def test_kill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path, ref
     assert out.returncode == 0, out.stderr
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")], "the leftover was cleaned up"
     _assert_same_run(run_dir, reference("mid_epoch", MID_EPOCH))
+
+
+def test_sigterm_when_an_evaluation_is_due_defers_it_to_the_resumed_run(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    # SIGTERM arrives during step 46, which ends epoch 2: the run stops before that epoch's evaluation
+    proc = _faulty(["term-after-step", "46"], [*EPOCH_BOUNDARY, f"hydra.run.dir={run_dir}"], tmp_path)
+    proc.communicate(timeout=300)
+    assert proc.returncode == 143
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted" and summary["steps"] == 46
+    assert [r["step"] for r in _metrics(run_dir) if "val/acc" in r] == [23], "the due evaluation was deferred"
+    from trainctl.checkpoint import read_checkpoint
+    assert read_checkpoint(run_dir / "checkpoints" / "last").state["run"]["eval_pending"]
+
+    out = trainctl(["resume", str(run_dir)], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    _assert_same_run(run_dir, reference("epoch_boundary", EPOCH_BOUNDARY))
 
 
 def test_sigterm_saves_a_checkpoint_and_resumes_exactly(tmp_path, reference):

@@ -137,9 +137,12 @@ class Batches:
         chunks = self.index_batches(epoch, start)
         if self.num_workers == 0:
             return (self.source.take(idx.to(self.device)) for idx in chunks)
+        # The loader draws its workers' base seed from its own generator, not from the global RNG: taking
+        # it from there would shift the dropout masks of a run resumed in the middle of an epoch.
         loader = torch.utils.data.DataLoader(
             _SampleView(self.source), batch_sampler=[c.tolist() for c in chunks],
-            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
         return ((x.to(self.device, non_blocking=True, memory_format=self.memory_format),
                  y.to(self.device, non_blocking=True)) for x, y in loader)
 

@@ -183,7 +183,8 @@ class InverseSqrtSpec(ConstantSpec):
 
 @dataclass
 class WSDSpec(CosineSpec):
-    """Warmup-stable-decay: warmup, a constant plateau, then a short decay at the end."""
+    """Warmup-stable-decay (Hu et al. 2024, MiniCPM; Hägele et al. 2024): warmup, a constant plateau,
+    then a decay over the last steps, factor 1 - shape((step - decay start) / decay length)."""
 
     name: str = "wsd"
     warmup_fraction: float = 0.05
@@ -314,7 +315,7 @@ def _wsd(spec: WSDSpec, step: int, horizon: Horizon) -> float:
         into = t - (total - decay)
         if into < 0:
             return 1.0
-        progress = min(1.0, (into + 1) / decay)
+        progress = min(1.0, into / decay)  # (step - decay start) / decay length, as published
         shape = {"linear": progress, "sqrt": math.sqrt(progress),
                  "cosine": 0.5 * (1 - math.cos(math.pi * progress))}[spec.decay_shape]
         return 1 - (1 - spec.min_lr_ratio) * shape

@@ -184,10 +184,13 @@ def export_weights(model: "nn.Module", path: Path, metadata: Dict[str, str], is_
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main:
         return
-    # A tied weight is stored once, under the name named_parameters() gives it (safetensors loads either).
-    every = {clean_name(n) for n, _ in model.named_parameters(remove_duplicate=False)}
-    kept = {clean_name(n) for n, _ in model.named_parameters()}
-    weights = {k: v.contiguous() for k, v in full.items() if k in kept or k not in every}
+    # A tied weight is stored once, under the name safetensors' save_model keeps (the first in sorted
+    # order), so the file is the one a single process writes.
+    names: Dict[int, List[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(clean_name(name))
+    dropped = {n for group in names.values() for n in sorted(group)[1:]}
+    weights = {k: v.contiguous() for k, v in full.items() if k not in dropped}
     from trainctl.files import save_state_dict
 
     save_state_dict(weights, path, metadata)
