@@ -36,7 +36,7 @@ def test_digits_are_read_as_scikit_learn_loads_them():
 def test_the_split_is_scikit_learns_train_test_split(n, classes):
     from sklearn.model_selection import train_test_split
 
-    from trainctl.data import _split
+    from trainctl.arrays import split_indices as _split
 
     rng = np.random.RandomState(n)
     labels = None if classes is None else rng.randint(0, classes, size=n)

@@ -148,7 +148,8 @@ def test_a_failing_rank_ends_the_job_and_an_elastic_restart_resumes_it_exactly(t
 
 def test_the_self_launch_command_is_torchrun_with_the_run_directory_fixed():
     from trainctl.errors import ConfigError
-    from trainctl.parallel import ParallelismSpec, torchrun_command
+    from trainctl.launch import torchrun_command
+    from trainctl.parallel import ParallelismSpec
 
     spec = ParallelismSpec(name="ddp", nproc_per_node=4, nnodes=2, node_rank=1, rdzv_endpoint="node0:29500",
                            max_restarts=2)

@@ -14,6 +14,7 @@ import yaml
 
 from conftest import compose, trainctl
 from trainctl import config, sweep
+from trainctl.preflight import preflight
 from trainctl.errors import ConfigError
 from trainctl.spec import RunSpec, spec_yaml
 
@@ -54,13 +55,13 @@ def test_an_optimized_metric_the_run_does_not_report_is_refused(metric):
 # --- before the sweep starts ------------------------------------------------------------------------
 
 def test_the_optuna_sweep_config_checks_out(tmp_path):
-    config.preflight(["+sweep=optuna_digits"], True, str(tmp_path))
+    preflight(["+sweep=optuna_digits"], True, str(tmp_path))
     cfg, _ = config.compose_spec(["+sweep=optuna_digits"], str(tmp_path))
     assert cfg.optimized_metric == "val/acc" and cfg.trainer.max_epochs == 10
     with pytest.raises(ConfigError) as error:
-        config.preflight(["+sweep=optuna_digits", "optimized_metric=val/loss"], True, str(tmp_path))
+        preflight(["+sweep=optuna_digits", "optimized_metric=val/loss"], True, str(tmp_path))
     assert error.value.key == "hydra.sweeper.direction" and error.value.fix == "set hydra.sweeper.direction=minimize"
-    config.preflight(["+sweep=optuna_digits", "optimized_metric=val/loss", "hydra.sweeper.direction=minimize"],
+    preflight(["+sweep=optuna_digits", "optimized_metric=val/loss", "hydra.sweeper.direction=minimize"],
                      True, str(tmp_path))
     assert not (tmp_path / "multirun").exists()
 
@@ -74,7 +75,7 @@ def test_the_optuna_sweep_config_checks_out(tmp_path):
 ])
 def test_every_swept_value_is_checked_before_the_sweep(tmp_path, overrides, key, needle):
     with pytest.raises(ConfigError) as error:
-        config.preflight(overrides, True, str(tmp_path))
+        preflight(overrides, True, str(tmp_path))
     assert error.value.key == key and needle in str(error.value)
 
 
@@ -82,19 +83,19 @@ def test_a_new_sweep_never_writes_into_an_earlier_sweeps_directory(tmp_path):
     (tmp_path / "old" / "0").mkdir(parents=True)
     (tmp_path / "old" / "0" / "summary.json").write_text('{"status": "done"}')
     with pytest.raises(ConfigError) as error:
-        config.preflight(["optimizer=adamw,sgd", "hydra.sweep.dir=old"], True, str(tmp_path))
+        preflight(["optimizer=adamw,sgd", "hydra.sweep.dir=old"], True, str(tmp_path))
     assert error.value.key == "hydra.sweep.dir" and "already holds the runs of a sweep" in error.value.message
-    config.preflight(["optimizer=adamw,sgd", "hydra.sweep.dir=new"], True, str(tmp_path))
+    preflight(["optimizer=adamw,sgd", "hydra.sweep.dir=new"], True, str(tmp_path))
 
 
 def test_a_missing_plugin_names_the_extra_to_install(tmp_path, monkeypatch):
-    monkeypatch.setitem(sweep.PLUGINS, ("hydra/launcher", "fancy_cluster"), "hydra-fancy-cluster-launcher")
+    monkeypatch.setitem(config.PLUGINS, ("hydra/launcher", "fancy_cluster"), "hydra-fancy-cluster-launcher")
     with pytest.raises(ConfigError) as error:
-        config.preflight(["hydra/launcher=fancy_cluster", "optimizer=adamw,sgd"], True, str(tmp_path))
+        preflight(["hydra/launcher=fancy_cluster", "optimizer=adamw,sgd"], True, str(tmp_path))
     assert error.value.key == "hydra/launcher" and "hydra-fancy-cluster-launcher" in error.value.message
     assert error.value.fix.startswith('pip install "trainctl[sweep]"')
     with pytest.raises(ConfigError, match="Available: basic, joblib, submitit_local, submitit_slurm"):
-        config.preflight(["hydra/launcher=jobllib", "optimizer=adamw,sgd"], True, str(tmp_path))
+        preflight(["hydra/launcher=jobllib", "optimizer=adamw,sgd"], True, str(tmp_path))
 
 
 # --- failed jobs ------------------------------------------------------------------------------------

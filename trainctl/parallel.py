@@ -1,11 +1,12 @@
-"""The `parallelism` config group and everything distributed: reading torchrun's environment, the
-process group, the DDP wrapper, cross-rank agreement, and the rank-0 rules for files and logs.
+"""The `parallelism` config group and the process group of a multi-process job: the DDP wrapper, the
+few collectives the runner needs (cross-rank agreement), and the rank-0 rule for logs.
 
 One process (`single`) is the default. `ddp` and `fsdp` run one process per device under torchrun,
 either launched by the user (`torchrun --nproc_per_node=N -m trainctl run parallelism=ddp`) or by
-trainctl itself (`parallelism.nproc_per_node=N`, see :func:`torchrun_command`). Every rank trains the
-same frozen spec in the same run directory; only rank 0 writes files and logs. What is particular to
-FSDP (sharding the model, sharded checkpoints) lives in :mod:`trainctl.sharding`.
+trainctl itself (`parallelism.nproc_per_node=N`); starting the processes and deciding who owns the run
+directory is :mod:`trainctl.launch`'s. Every rank trains the same frozen spec in the same run directory;
+only rank 0 writes files and logs. What is particular to FSDP (sharding the model, sharded
+checkpoints) lives in :mod:`trainctl.sharding`.
 
 The spec and its checks are torch-free; the rest imports torch when called.
 """
@@ -17,14 +18,11 @@ import datetime
 import faulthandler
 import logging
 import os
-import signal
-import sys
-import threading
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional
 
 from trainctl.errors import ConfigError, check, check_choice
+from trainctl.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -32,13 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trainctl")
 
-STRATEGIES = ("single", "ddp", "fsdp")
 SHARDING = ("full_shard", "shard_grad_op", "no_shard", "hybrid")
 BACKENDS = ("auto", "gloo", "nccl")
-LAUNCHED_BY_TRAINCTL = "TRAINCTL_LAUNCHED"
-"""Set in the environment of the ranks trainctl starts, so they do not start torchrun again."""
-AGENT_PID = "TRAINCTL_AGENT_PID"
-"""The pid of the torchrun agent trainctl started (the ranks' parent)."""
 
 
 @dataclass
@@ -67,7 +60,6 @@ class ParallelismSpec:
     """How long a collective waits for the other ranks before the job fails."""
 
     def validate(self, key: str = "parallelism") -> None:
-        check_choice(self.name, STRATEGIES, f"{key}.name")
         check_choice(self.backend, BACKENDS, f"{key}.backend")
         check(self.nproc_per_node is None or self.nproc_per_node >= 1, f"{key}.nproc_per_node", "must be >= 1")
         check(self.nproc_per_node is None or self.name != "single", f"{key}.nproc_per_node",
@@ -119,105 +111,21 @@ class FSDPSpec(ParallelismSpec):
         return True
 
 
-SPECS = {"single": ParallelismSpec, "ddp": ParallelismSpec, "fsdp": FSDPSpec}
-"""The schema of each `parallelism` option."""
+@dataclass(frozen=True)
+class ParallelEntry:
+    spec: type
 
 
-# --- launching ----------------------------------------------------------------------------------------
+PARALLELISMS: Registry[ParallelEntry] = Registry("parallelism")
+"""The `parallelism` options and their schemas."""
+PARALLELISMS.add("single", ParallelEntry(ParallelismSpec))
+PARALLELISMS.add("ddp", ParallelEntry(ParallelismSpec))
+PARALLELISMS.add("fsdp", ParallelEntry(FSDPSpec))
+
 
 def launched_world_size() -> int:
     """The world size torchrun (or another launcher setting the same variables) started us with."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def check_launch(spec: ParallelismSpec) -> None:
-    """Refuse a strategy that does not match how the process was started."""
-    world = launched_world_size()
-    if world > 1 and spec.name == "single":
-        raise ConfigError("parallelism", f"started as one of {world} processes, but parallelism=single",
-                          "add parallelism=ddp to the command")
-    if world == 1 and spec.name != "single" and spec.nproc_per_node is None and "RANK" not in os.environ:
-        raise ConfigError("parallelism", f"parallelism={spec.name} needs several processes",
-                          f"launch with `torchrun --nproc_per_node=N -m trainctl run parallelism={spec.name} ...` "
-                          "or set parallelism.nproc_per_node=N")
-
-
-def should_self_launch(spec: ParallelismSpec) -> bool:
-    return spec.nproc_per_node is not None and LAUNCHED_BY_TRAINCTL not in os.environ and "RANK" not in os.environ
-
-
-def torchrun_command(spec: ParallelismSpec, overrides: Sequence[str], run_dir: str) -> List[str]:
-    """The torchrun command that starts the ranks of a run whose directory is already decided (run through
-    :mod:`trainctl.torchrun`, so it ends when this process does)."""
-    resume = ["checkpoint.resume=auto"] if spec.max_restarts else []
-    command = [sys.executable, "-m", "trainctl.torchrun", str(os.getpid()), f"--nproc_per_node={spec.nproc_per_node}",
-               f"--nnodes={spec.nnodes}", f"--max_restarts={spec.max_restarts}"]
-    if spec.nnodes > 1:
-        command += [f"--node_rank={spec.node_rank}", f"--rdzv_endpoint={spec.rdzv_endpoint}", "--rdzv_backend=static"]
-    else:
-        host, port = spec.rdzv_endpoint.rsplit(":", 1) if spec.rdzv_endpoint else ("localhost", str(free_port()))
-        command += [f"--master_addr={host}", f"--master_port={port}"]
-    return command + ["-m", "trainctl", "run", *overrides, *resume, f"hydra.run.dir={run_dir}"]
-
-
-def free_port() -> int:
-    """A TCP port of this machine that nothing listens on (the OS picks it)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("localhost", 0))
-        return int(sock.getsockname()[1])
-
-
-def self_launch(spec: ParallelismSpec, overrides: Sequence[str], run_dir: str) -> int:
-    """Run torchrun as a child process and return its exit code. Ctrl-C from a terminal reaches the
-    ranks directly; a SIGTERM sent to trainctl (a scheduler ending the job) is passed on to torchrun,
-    which passes it to the ranks, and they stop together and save a checkpoint."""
-    import signal
-    import subprocess
-
-    command = torchrun_command(spec, overrides, run_dir)
-    print(f"trainctl: starting {spec.nproc_per_node * spec.nnodes} processes in {run_dir}", file=sys.stderr)
-    env = {**os.environ, LAUNCHED_BY_TRAINCTL: "1"}
-    proc = subprocess.Popen(command, env=env)
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
-    try:
-        while True:
-            try:
-                return proc.wait()
-            except KeyboardInterrupt:  # the ranks got the terminal's SIGINT too; wait for their clean stop
-                continue
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
-    """Get ``sig`` when the process ``parent`` (this process's parent) ends, however it ends: the kernel's
-    parent-death signal on Linux, a thread watching the parent elsewhere. If it has ended already, now."""
-    armed = False
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            armed = ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            armed = False
-    if not armed:
-        def watch() -> None:
-            while os.getppid() == parent:
-                time.sleep(1.0)
-            os.kill(os.getpid(), sig)
-        threading.Thread(target=watch, name="trainctl-parent-watch", daemon=True).start()
-    if os.getppid() != parent:
-        os.kill(os.getpid(), sig)
-
-
-def follow_launcher() -> None:
-    """A rank under torchrun stops (SIGTERM: a checkpoint at the next agreed step) when torchrun's agent
-    dies, instead of training on unsupervised."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ and AGENT_PID not in os.environ:
-        return
-    die_with_parent(int(os.environ.get(AGENT_PID) or os.getppid()))
 
 
 # --- the process group ----------------------------------------------------------------------------------

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from trainctl.report import Report
 from trainctl.runs import RunRecord
+
+if TYPE_CHECKING:
+    from trainctl.report import Report
 
 MAX_GRID_VALUES = 12
 """More distinct values than this on an axis, or a grid with empty cells (values a sampler picked): a

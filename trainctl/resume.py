@@ -15,26 +15,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from trainctl import data as data_mod
 from trainctl.checkpoint import Checkpoint, committed, find_source, newest_valid
 from trainctl.errors import ConfigError, did_you_mean
 from trainctl.files import SPEC_FILE_BYTES, CheckpointError, read_text_bounded
-from trainctl.loss import LOSSES
-from trainctl.model import MODELS
-from trainctl.optim import OPTIMIZERS
-from trainctl.parallel import SPECS as PARALLELISM_SPECS
-from trainctl.precision import PRECISIONS
-from trainctl.schedule import SCHEDULERS
+from trainctl.groups import GROUPS
 from trainctl.spec import RunSpec, load_spec, spec_yaml
 
 log = logging.getLogger("trainctl")
 
-GROUPS = {"model": MODELS, "data": data_mod.DATASETS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
-          "precision": PRECISIONS, "loss": LOSSES}
-SAFE_DATA_KEYS = ("data.num_workers", "data.eval_batch_size")
-REFUSED = ("model", "data", "optimizer.name", "scheduler.name")
-"""Key prefixes whose change makes the saved state unusable (a different network, data or order of
-samples, or optimizer/schedule state of another kind)."""
+CHOSEN = [g for g in GROUPS.values() if g.options is not None and not g.many]
+"""The groups whose option a saved spec names and a continued run keeps."""
 
 
 def flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
@@ -58,8 +48,8 @@ def spec_changes(saved_yaml: str, spec: RunSpec, world_size: Tuple[int, int] = (
         if key.startswith("checkpoint.resume") or old.get(key, "<unset>") == new.get(key, "<unset>"):
             continue
         line = f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}"
-        unsafe = any(key == p or key.startswith(p + ".") for p in REFUSED) and key not in SAFE_DATA_KEYS
-        (refused if unsafe else allowed).append(line)
+        group = GROUPS.get(key.split(".", 1)[0])
+        (refused if group is not None and group.refuses_change(key) else allowed).append(line)
     if world_size[0] != world_size[1]:
         refused.append(f"world size: {world_size[0]} -> {world_size[1]}")
     return refused, allowed
@@ -83,6 +73,35 @@ def check_changes(source: Checkpoint, spec: RunSpec, world_size: int = 1) -> Lis
         raise ConfigError("checkpoint.resume", f"{source.path} cannot continue with these changes:\n    "
                           + "\n    ".join(refused), fix)
     return allowed
+
+
+def restore_checkpoint(run: Any, state: Any, source: Checkpoint, changes: List[str]) -> None:
+    """Load a checkpoint's weights and state into a freshly built run and ``state``. Anything that does
+    not fit (a state saved for another model, a part missing or of the wrong kind) is a ConfigError,
+    raised before anything in the run directory changes."""
+    from trainctl.checkpointing import restore
+    from trainctl.files import load_weights
+
+    fresh = None
+    try:
+        if run.sharded:  # every rank reads its shard of the weights and optimizer state
+            from trainctl.optim import optimizer_settings
+            from trainctl.sharding import load_sharded
+
+            fresh = optimizer_settings(run.optimizer)
+            load_sharded(run.model, run.optimizer, source.path)
+        else:
+            load_weights(run.model, source.weights)
+        restore(run, state, source.state, new_settings=any(
+            line.startswith(("optimizer.", "regularization.")) for line in changes), fresh=fresh)
+    except CheckpointError as exc:
+        raise ConfigError("checkpoint.resume", str(exc), "resume with the model settings it was saved with") from None
+    except Exception as exc:  # a part of state.pt that does not fit this run
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+        raise ConfigError("checkpoint.resume", f"{source.path} does not fit this run: {detail}",
+                          "resume from a checkpoint this run wrote, or start a new run") from None
+    if run.checkpoints is not None:
+        run.checkpoints.last = str(source.path)  # the state continues from it until the next save
 
 
 def find_resume_source(spec: RunSpec, run_dir: Path) -> Optional[Checkpoint]:
@@ -111,20 +130,21 @@ def _typed(saved: DictConfig) -> DictConfig:
 
     cfg = OmegaConf.structured(RunSpec)
     try:
-        for group, registry in GROUPS.items():
-            node = saved.get(group)
-            if group == "model" and "_target_" in node:
+        for group in CHOSEN:
+            node = saved.get(group.name)
+            if group.name == "model" and "_target_" in node:
                 cfg.model = node
                 continue
             try:
-                entry = registry.get(str(node.get("name")))
+                schema = group.spec_of(str(node.get("name")))
             except ConfigError as exc:
-                raise ConfigError(f"{group}.name", f"the saved spec names {exc.message}") from None
-            cfg[group] = OmegaConf.merge(OmegaConf.structured(entry.spec), node)
-        parallelism = saved.get("parallelism")
-        if isinstance(parallelism, DictConfig) and parallelism.get("name") in PARALLELISM_SPECS:
-            cfg.parallelism = OmegaConf.merge(OmegaConf.structured(PARALLELISM_SPECS[parallelism.name]), parallelism)
-        rest = {k: v for k, v in saved.items() if k not in GROUPS and k != "parallelism"}
+                raise ConfigError(f"{group.name}.name", f"the saved spec names {exc.message}") from None
+            cfg[group.name] = OmegaConf.merge(OmegaConf.structured(schema), node)
+        for group in (g for g in GROUPS.values() if g.many):
+            for name, node in (saved.get(group.name) or {}).items():
+                cfg[group.name][name] = OmegaConf.merge(OmegaConf.structured(group.spec_of(str(name))), node)
+        done = {g.name for g in CHOSEN} | {g.name for g in GROUPS.values() if g.many}
+        rest = {k: v for k, v in saved.items() if k not in done}
         return OmegaConf.merge(cfg, rest)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or None
@@ -143,7 +163,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         if not sep or key.startswith(("+", "~")):
             raise ConfigError(None, f"cannot apply '{override}' to a saved run: use key=value",
                               "e.g. trainer.max_epochs=60")
-        if key in GROUPS:
+        if key in {g.name for g in CHOSEN}:
             raise ConfigError(key, f"a continued run keeps its {key} option ({cfg[key].get('name', 'custom')})",
                               f"change fields instead (e.g. {key}.<field>=...) or start a new run")
         try:
@@ -172,7 +192,7 @@ def parse_saved_spec(text: str, source: Path) -> DictConfig:
                           "a saved spec holds plain values only: restore the file trainctl wrote") from None
     except ValueError as exc:
         raise ConfigError(None, f"{source} is not a YAML spec: {str(exc).splitlines()[0]}") from None
-    if not isinstance(saved, DictConfig) or not all(isinstance(saved.get(g), DictConfig) for g in GROUPS):
+    if not isinstance(saved, DictConfig) or not all(isinstance(saved.get(g.name), DictConfig) for g in CHOSEN):
         raise ConfigError(None, f"{source} is not a trainctl run spec (it lacks the config groups)",
                           "restore the file trainctl wrote")
     return saved

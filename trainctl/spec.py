@@ -1,19 +1,15 @@
-"""RunSpec: the typed, validated description of one run, plus the Hydra ConfigStore entries behind it.
-
-The schema of every group option is registered as `schema/<group>/<option>` (generated from the
-group registries), and each `conf/<group>/<option>.yaml` starts from it, so a misspelt key fails
-while Hydra composes. :func:`load_spec` converts a composed config into a RunSpec and runs every
+"""RunSpec: the typed, validated description of one run (a field per config group, see
+:mod:`trainctl.groups`), and `TrainConfig`, the root of `trainctl run`'s composed config (the run spec
+plus what a sweep optimises). :func:`load_spec` converts a composed config into a RunSpec and runs every
 check exactly once: each group's own `validate()`, then the checks that span groups.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Tuple
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -22,85 +18,21 @@ from trainctl import data as data_mod
 from trainctl.callbacks import EarlyStoppingSpec
 from trainctl.checkpoint import CheckpointSpec
 from trainctl.data import DataSpec
-from trainctl.errors import ConfigError, check, check_choice
-from trainctl.loss import LOSSES, LossSpec, loss_problem
-from trainctl.metrics import MODE_OF, VAL_METRICS, default_monitor
+from trainctl.errors import ConfigError, check
+from trainctl.groups import CONF_DIR, GROUPS, RECIPES_DIR, Group  # noqa: F401 (the config files' places)
+from trainctl.loss import LossSpec, loss_problem
+from trainctl.metrics import MODE_OF, VAL_METRICS, LoggingSpec, default_monitor
 from trainctl.model import MODELS, is_custom, task_compatible, validate_model
-from trainctl.optim import OPTIMIZERS, OptimizerSpec
-from trainctl.parallel import SPECS as PARALLELISM_SPECS
+from trainctl.optim import OptimizerSpec
 from trainctl.parallel import ParallelismSpec
 from trainctl.performance import PerformanceSpec
-from trainctl.precision import PRECISIONS, PrecisionSpec
+from trainctl.precision import PrecisionSpec
 from trainctl.regularization import RegularizationSpec
+from trainctl.runs import AUTO, metric_mode, parse_optimized_metric
 from trainctl.schedule import SCHEDULERS, SchedulerSpec
 from trainctl.targets import normalize_prefixes
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
-@dataclass
-class TrainerSpec:
-    """How long to train, how often to evaluate, and where."""
-
-    max_epochs: Optional[int] = 30
-    """Passes over the training set; null trains until `trainer.max_steps`."""
-    max_steps: Optional[int] = None
-    """Optimizer steps; stops at whichever of max_epochs / max_steps comes first."""
-    seed: int = 0
-    """Seed of python, numpy and torch (model initialisation, dropout)."""
-    grad_accum_steps: int = 1
-    """Micro-batches accumulated per optimizer step (effective batch = batch_size x this)."""
-    eval_every_n_epochs: Optional[int] = 1
-    """Evaluate on the validation split every N epochs; null disables."""
-    eval_every_n_steps: Optional[int] = None
-    """Also evaluate every N optimizer steps; null disables."""
-    device: str = "auto"
-    """auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps."""
-    monitor: str = "auto"
-    """Validation metric that defines the best result (auto: val/acc for classification, val/loss otherwise)."""
-    mode: str = "auto"
-    """min or max for `trainer.monitor` (auto: max for accuracy/F1, min for losses and errors)."""
-    on_nonfinite: str = "stop"
-    """A non-finite loss or gradient norm: stop (end the run as diverged; no checkpoint is written from
-    that state) or skip (drop that optimizer step; costs one host sync per step)."""
-    max_consecutive_skips: int = 10
-    """With on_nonfinite=skip: stop as diverged after this many skipped steps in a row."""
-
-    def validate(self, key: str = "trainer") -> None:
-        check(self.max_epochs is not None or self.max_steps is not None, f"{key}.max_epochs",
-              "max_epochs and max_steps are both null, so the run would never end", f"set {key}.max_epochs=30")
-        check(self.max_epochs is None or self.max_epochs >= 1, f"{key}.max_epochs",
-              f"must be >= 1 (got {self.max_epochs})", f"set {key}.max_epochs=30")
-        check(self.max_steps is None or self.max_steps >= 1, f"{key}.max_steps",
-              f"must be >= 1 or null (got {self.max_steps})", f"set {key}.max_steps=null")
-        check(self.grad_accum_steps >= 1, f"{key}.grad_accum_steps",
-              f"must be >= 1 (got {self.grad_accum_steps})", f"set {key}.grad_accum_steps=1")
-        for name in ("eval_every_n_epochs", "eval_every_n_steps"):
-            value = getattr(self, name)
-            check(value is None or value >= 1, f"{key}.{name}", "must be >= 1 or null", f"set {key}.{name}=null")
-        check(self.device.split(":")[0] in DEVICES, f"{key}.device",
-              f"'{self.device}' is not one of {', '.join(DEVICES)} (or cuda:N)", f"set {key}.device=auto")
-        check_choice(self.mode, ("auto", "min", "max"), f"{key}.mode")
-        check_choice(self.on_nonfinite, ("stop", "skip"), f"{key}.on_nonfinite")
-        check(self.max_consecutive_skips >= 1, f"{key}.max_consecutive_skips", "must be >= 1",
-              f"set {key}.max_consecutive_skips=10")
-
-
-@dataclass
-class LoggingSpec:
-    """What is reported, where, and how often."""
-
-    log_every_n_steps: int = 10
-    """Optimizer steps between training-loss readings (each reading is one host sync)."""
-    progress: str = "auto"
-    """auto (a live bar on a terminal, plain lines otherwise), bar, plain or none."""
-    tensorboard: bool = True
-    """Write TensorBoard event files under `tb/` in the run directory."""
-
-    def validate(self, key: str = "logging") -> None:
-        check(self.log_every_n_steps >= 1, f"{key}.log_every_n_steps", "must be >= 1",
-              f"set {key}.log_every_n_steps=10")
-        check_choice(self.progress, ("auto", "bar", "plain", "none"), f"{key}.progress")
+from trainctl.trainer import TrainerSpec
+from trainctl.transforms import TRANSFORMS
 
 
 @dataclass
@@ -121,6 +53,10 @@ class RunSpec:
     logging: LoggingSpec = field(default_factory=LoggingSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     early_stopping: EarlyStoppingSpec = field(default_factory=EarlyStoppingSpec)
+    callbacks: Dict[str, Any] = field(default_factory=dict)
+    """Extra callbacks by name (`callbacks=[lr_monitor]`), each with its settings."""
+    transforms: Dict[str, Any] = field(default_factory=dict)
+    """Batch transforms by name, applied in this order (`transforms=[noise]`), each with its settings."""
     allowed_target_prefixes: List[str] = field(default_factory=list)
     """Module prefixes (besides trainctl. and torch.nn.) that `_target_` entries may import from; the
     classes they name must still be nn.Module subclasses defined under one of these prefixes."""
@@ -132,20 +68,16 @@ class RunSpec:
     def validate(self) -> None:
         """Every group's own checks, then the checks that involve more than one group."""
         check_finite(self)
-        for key, registry in (("data", data_mod.DATASETS), ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
-                              ("precision", PRECISIONS), ("loss", LOSSES)):
-            _check_option(key, getattr(self, key), registry)
-        if not is_custom(self.model):
-            _check_option("model", self.model, MODELS)
         normalize_prefixes(self.allowed_target_prefixes)
-        validate_model(self.model, self.allowed_target_prefixes)
-        for key in ("data", "optimizer", "scheduler", "regularization", "precision", "performance", "parallelism",
-                    "loss", "trainer", "logging", "checkpoint", "early_stopping"):
-            getattr(self, key).validate(key)
+        for group in GROUPS.values():
+            _validate_group(group, getattr(self, group.name), self.allowed_target_prefixes)
         self._validate_across_groups()
 
     def _validate_across_groups(self) -> None:
         task, input_rank = data_mod.probe(self.data)
+        for name in self.transforms:
+            check(task in TRANSFORMS.get(name).tasks, f"transforms.{name}", f"applies to "
+                  f"{' or '.join(TRANSFORMS.get(name).tasks)} data, not {task}", "drop it from transforms=[...]")
         problem = task_compatible(self.model, task, input_rank)
         if problem:
             fits = [n for n, e in MODELS.items() if task in e.tasks and (e.input_rank in (None, input_rank))]
@@ -194,6 +126,33 @@ class RunSpec:
         return MODE_OF.get(self.monitor(task, node).split("/")[-1], "min")
 
 
+
+def _validate_group(group: Group, node: Any, allowed_prefixes: List[str]) -> None:
+    if group.name == "model":
+        if not is_custom(node):
+            _check_option("model", node, group.spec_of(node.name))
+        validate_model(node, allowed_prefixes)
+    elif group.many:
+        for name, settings in node.items():
+            _check_option(f"{group.name}.{name}", settings, group.spec_of(name), by_name=False)
+            settings.validate(f"{group.name}.{name}")
+    else:
+        if group.options is not None:
+            _check_option(group.name, node, group.spec_of(node.name))
+        node.validate(group.name)
+
+
+def _check_option(key: str, spec: Any, schema: type, by_name: bool = True) -> None:
+    if type(spec) is schema:
+        return
+    if by_name:
+        raise ConfigError(f"{key}.name", "the option is chosen with the group, not its name field",
+                          f"set {key.split('.')[0]}={spec.name} (and leave {key}.name alone)")
+    group, name = key.split(".", 1)
+    raise ConfigError(key, f"settings of {name} need its option file: pick it with {group}=[{name}]",
+                      f"set {group}=[{name}] (or add it to the list)")
+
+
 def check_finite(node: Any, key: str = "", fix: str = "") -> None:
     """Every float setting must be a finite number: none of them gives `inf` or `nan` a meaning. The
     arguments of a custom model (`model=custom`) are the user's own and are left alone."""
@@ -210,13 +169,6 @@ def check_finite(node: Any, key: str = "", fix: str = "") -> None:
     elif isinstance(node, (dict, DictConfig)) and key != "model":
         for name, value in node.items():
             check_finite(value, f"{key}.{name}", fix)
-
-
-def _check_option(key: str, spec: Any, registry: Any) -> None:
-    entry = registry.get(spec.name)
-    if type(spec) is not entry.spec:
-        raise ConfigError(f"{key}.name", "the option is chosen with the group, not its name field",
-                          f"set {key}={spec.name} (and leave {key}.name alone)")
 
 
 def unknown_keys(cfg: DictConfig, prefix: str = "") -> List[str]:
@@ -265,54 +217,46 @@ def total_optimizer_steps(spec: RunSpec, batches_per_epoch: int) -> tuple[int, i
     return per_epoch, min(limits)
 
 
-# --- Hydra wiring -----------------------------------------------------------------------------------
 
-CONF_DIR = Path(str(importlib.resources.files("trainctl.conf")))
-RECIPES_DIR = Path(str(importlib.resources.files("trainctl.recipes")))
-_registered = False
+# --- the composed config of `trainctl run` ------------------------------------------------------------
+
+@dataclass
+class TrainConfig(RunSpec):
+    """The composed config of `trainctl run`: the run spec plus what a sweep optimises."""
+
+    optimized_metric: str = AUTO
+    """The value each job returns to the sweeper (Optuna maximises or minimises it, see
+    hydra.sweeper.direction) and `trainctl report` sorts by: auto (the best value of trainer.monitor),
+    a validation metric such as val/loss (its best value over the run's evaluations), or
+    final:val/acc / final:train/loss (its value at the end of the run)."""
 
 
-def register_configs() -> None:
-    """Put the schemas and the recipes into Hydra's ConfigStore (once per process)."""
-    global _registered
-    if _registered:
+def split(config: RunSpec) -> Tuple[RunSpec, str]:
+    """(the run spec alone, the optimized metric) of a validated TrainConfig.
+
+    The spec written to `config.yaml` and checkpoints stays a plain RunSpec, so a run directory can be
+    resumed or evaluated whatever the sweep around it optimised.
+    """
+    metric = getattr(config, "optimized_metric", AUTO)
+    spec = RunSpec(**{f.name: getattr(config, f.name) for f in dataclasses.fields(RunSpec)})
+    check_optimized_metric(metric, spec)
+    return spec, metric
+
+
+def check_optimized_metric(metric: str, spec: RunSpec) -> None:
+    name = parse_optimized_metric(metric)[0]
+    if name == AUTO:
         return
-    from hydra.core.config_store import ConfigStore
-
-    store = ConfigStore.instance()
-    store.store(name="run_spec", node=RunSpec)
-    for group, registry in (("model", MODELS), ("data", data_mod.DATASETS), ("optimizer", OPTIMIZERS),
-                            ("scheduler", SCHEDULERS), ("precision", PRECISIONS), ("loss", LOSSES)):
-        for name, entry in registry.items():
-            store.store(group=f"schema/{group}", name=name, node=entry.spec)
-    for name, schema in PARALLELISM_SPECS.items():
-        store.store(group="schema/parallelism", name=name, node=schema)
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        store.store(group="recipe", name=path.stem, node=_load_recipe(path), package="_global_")
-    _registered = True
+    task = data_mod.probe(spec.data)[0]
+    reported = list(VAL_METRICS[task]) + ["train/loss"]
+    if name not in reported or (name == "train/loss" and not metric.startswith("final:")):
+        valid = list(VAL_METRICS[task]) + ["final:train/loss"]
+        raise ConfigError("optimized_metric", f"'{metric}' is not reported for {task} data; choose auto, "
+                          f"{', '.join(valid)} (or final:METRIC for the value at the end)",
+                          f"set optimized_metric={VAL_METRICS[task][0]}")
 
 
-def _load_recipe(path: Path) -> DictConfig:
-    import yaml
-
-    try:
-        node = OmegaConf.load(path)
-    except (yaml.YAMLError, ValueError, OSError) as exc:
-        raise ConfigError("recipe", f"{path} cannot be read as a config: {str(exc).splitlines()[0]}",
-                          "recipes hold plain YAML values only: fix or remove that file") from None
-    if not isinstance(node, DictConfig):
-        raise ConfigError("recipe", f"{path} is not a mapping of config keys", "fix or remove that file")
-    return node
-
-
-def recipe_headers() -> dict[str, str]:
-    """Recipe name -> its header comment (what it trains, the command, the result)."""
-    headers = {}
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        lines = []
-        for line in path.read_text().splitlines():
-            if not line.startswith("#"):
-                break
-            lines.append(line[2:] if line.startswith("# ") else line.lstrip("#"))
-        headers[path.stem] = "\n".join(l for l in lines if not l.startswith("@package")).strip()
-    return headers
+def optimized_mode(metric: str, spec: RunSpec) -> str:
+    """max or min: which way the optimized metric is better."""
+    name = parse_optimized_metric(metric)[0]
+    return spec.monitor_mode(data_mod.probe(spec.data)[0]) if name == AUTO else metric_mode(name)

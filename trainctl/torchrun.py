@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from trainctl.parallel import AGENT_PID, die_with_parent
+from trainctl.launch import AGENT_PID, die_with_parent
 
 
 def main() -> None:
