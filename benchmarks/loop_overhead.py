@@ -55,12 +55,10 @@ def time_trainctl(workload: str, steps: int, text: str, scratch: Path) -> float:
 
     _, spec = compose_spec(overrides(workload, steps, text), base_dir=".")
     run = build_run(spec)
-    run.writer = MetricsWriter(scratch, tensorboard=False)
-    runner = Runner(run)
+    runner = Runner(run, writer=MetricsWriter(scratch, tensorboard=False))
     tic = time.perf_counter()
     summary = runner.fit()
     seconds = time.perf_counter() - tic
-    run.writer.close()
     return summary["samples_seen"] / seconds
 
 

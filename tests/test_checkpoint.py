@@ -81,26 +81,35 @@ def test_the_best_checkpoint_survives_pruning(tmp_path):
 
 
 def test_early_stopping_on_a_constructed_sequence_and_its_state_resumes():
+    from trainctl.monitor import Monitor
+
     values = [0.50, 0.60, 0.65, 0.64, 0.651, 0.66, 0.62, 0.63, 0.60, 0.70]
     # min_delta 0.005: 0.651 is not an improvement on 0.65; patience 3 stops at the 3rd miss after 0.66
+
+    def early_stopping() -> EarlyStopping:
+        return EarlyStopping(Monitor("val/acc", "max", min_delta=0.005), patience=3)
+
+    def evaluated(callback: EarlyStopping, state: RunState, value: float) -> None:
+        callback.monitor.update({"val/acc": value}, state.step)  # the runner updates the monitors first
+        callback.on_eval_end(None, state, {"val/acc": value})
 
     def run(callback: EarlyStopping, state: RunState, start: int) -> int:
         for i, value in enumerate(values[start:], start=start):
             state.step = i + 1
-            callback.on_eval(state, {"val/acc": value}, torch.nn.Linear(1, 1))
+            evaluated(callback, state, value)
             if state.should_stop:
                 return i
         return -1
 
-    whole, state = EarlyStopping("val/acc", "max", patience=3, min_delta=0.005), RunState()
+    whole, state = early_stopping(), RunState()
     assert run(whole, state, 0) == 8 and state.stop_reason == "early_stopped"
     assert whole.best == 0.66 and whole.best_step == 6
 
-    first, state = EarlyStopping("val/acc", "max", patience=3, min_delta=0.005), RunState()
+    first, state = early_stopping(), RunState()
     for i, value in enumerate(values[:7]):
         state.step = i + 1
-        first.on_eval(state, {"val/acc": value}, torch.nn.Linear(1, 1))
-    resumed = EarlyStopping("val/acc", "max", patience=3, min_delta=0.005)
+        evaluated(first, state, value)
+    resumed = early_stopping()
     resumed.load_state_dict(first.state_dict())
     assert resumed.wait == 1 and run(resumed, RunState(), 7) == 8
 

@@ -58,8 +58,8 @@ def test_regression_losses_train(loss):
 
 def test_evaluation_every_n_steps_and_every_epoch(tmp_path):
     run = build(["trainer.max_epochs=2", "trainer.eval_every_n_steps=10", *QUIET])
-    run.run_dir, run.writer = tmp_path, MetricsWriter(tmp_path, tensorboard=False)
-    Runner(run).fit()
+    run.run_dir = tmp_path
+    Runner(run, writer=MetricsWriter(tmp_path, tensorboard=False)).fit()
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     eval_steps = [r["step"] for r in records if "val/acc" in r]
     assert eval_steps == [10, 20, 23, 30, 40, 46]
@@ -68,7 +68,7 @@ def test_evaluation_every_n_steps_and_every_epoch(tmp_path):
 
 def test_an_epoch_end_that_is_also_an_interval_step_is_evaluated_once(tmp_path):
     run = build(["trainer.max_epochs=2", "trainer.eval_every_n_steps=23", *QUIET])  # 23 steps per epoch
-    run.run_dir, run.writer = tmp_path, MetricsWriter(tmp_path, tensorboard=False)
-    Runner(run).fit()
+    run.run_dir = tmp_path
+    Runner(run, writer=MetricsWriter(tmp_path, tensorboard=False)).fit()
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val/acc" in r] == [23, 46]

@@ -124,8 +124,9 @@ def test_compile_gives_the_losses_of_eager_with_accumulation_clipping_and_checkp
     assert compiled["compile_seconds"] > 0 and "compile_seconds" not in eager
     accounted = sum(compiled[k] for k in ("train_seconds", "compile_seconds", "eval_seconds", "checkpoint_seconds"))
     assert accounted <= compiled["wall_seconds"] + 0.05, "compile time counted twice (also in train_seconds)"
-    assert compiled["samples_per_second"] == pytest.approx(compiled["samples_seen"] / compiled["train_seconds"],
-                                                           rel=0.01)
+    # throughput is measured over the training time alone (train_seconds is rounded to the millisecond)
+    assert compiled["samples_seen"] / compiled["samples_per_second"] == pytest.approx(compiled["train_seconds"],
+                                                                                      rel=0.01, abs=6e-4)
 
 
 @pytest.mark.slow

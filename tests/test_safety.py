@@ -312,3 +312,27 @@ def test_csv_files_with_holes_or_bad_headers_are_refused_with_the_fix(tmp_path, 
     assert error.value.key == key and words in error.value.message and error.value.fix
     if key == "data.features":
         assert error.value.fix.endswith("data.features=[a]")
+
+
+def test_tensorboards_writer_thread_fails_quietly_and_other_threads_do_not():
+    import threading
+
+    from trainctl.metrics import _quiet_tensorboard_threads
+
+    def failing() -> None:
+        raise OSError(28, "No space left on device")
+
+    class WriterThread(threading.Thread):
+        pass
+    WriterThread.__module__ = "tensorboard.summary.writer.event_file_writer"  # as TensorBoard's own thread
+    previous, reported = threading.excepthook, []
+    try:
+        threading.excepthook = lambda args: reported.append(args.thread)  # what would print the traceback
+        _quiet_tensorboard_threads()
+        threads = [WriterThread(target=failing), threading.Thread(target=failing)]
+        for thread in threads:
+            thread.start()
+            thread.join()
+    finally:
+        threading.excepthook = previous
+    assert reported == [threads[1]], "only the other thread's exception reaches the hook that prints it"

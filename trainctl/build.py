@@ -1,5 +1,7 @@
 """build_run(spec) -> Run: the only place that calls the group builders, in a fixed order, passing
-results between groups (data facts into the model and loss, parameter groups into the optimizer)."""
+results between groups (data facts into the model and loss, parameter groups into the optimizer, the
+run's monitors into checkpoints and callbacks). Callbacks, batch transforms and optimizer-step wrappers
+come from their registries: a new one needs no change here."""
 
 from __future__ import annotations
 
@@ -7,19 +9,21 @@ import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 
 from trainctl import data as data_mod
-from trainctl.batches import Batches, DataBundle, build_batches
-from trainctl.callbacks import Callback, EarlyStopping
-from trainctl.checkpoint import Checkpointer
+from trainctl.batches import DataBundle, build_batches
+from trainctl.callbacks import CALLBACKS, EARLY_STOPPING, BuildContext, Callback
+from trainctl.checkpoint import CheckpointStore
+from trainctl.checkpointing import Checkpoints, backend_for
 from trainctl.errors import ConfigError
-from trainctl.loss import SumLoss, build_loss, out_features, resolve_loss
-from trainctl.metrics import Evaluator, MetricsWriter
+from trainctl.loss import SumLoss, build_loss, out_features
+from trainctl.metrics import Evaluator, TrainMeter
 from trainctl.model import apply_dropout, build_model, is_custom, model_name, with_dropout
+from trainctl.monitor import Monitor, Monitors
 from trainctl.optim import build_optimizer, has_train_eval_modes
 from trainctl.parallel import Distributed
 from trainctl.performance import (
@@ -28,12 +32,15 @@ from trainctl.performance import (
     apply_channels_last,
     compile_model,
     flops_per_sample,
+    peak_memory_mib,
     peak_tflops,
 )
 from trainctl.precision import Precision, build_precision
 from trainctl.regularization import GradClipper, param_groups
 from trainctl.schedule import Horizon, Schedule, build_scheduler
-from trainctl.spec import RunSpec, total_optimizer_steps
+from trainctl.spec import RunSpec, spec_yaml, total_optimizer_steps
+from trainctl.steps import StepWrapper, build_step_wrappers
+from trainctl.transforms import TRANSFORMS, Transform
 
 
 @dataclass
@@ -55,16 +62,24 @@ class Run:
     eval_every_n_epochs: Optional[int]
     eval_every_n_steps: Optional[int]
     log_every_n_steps: int
-    monitor: str
-    mode: str
+    meter: TrainMeter
+    """The training loss, gradient norm and throughput between two log readings."""
+    monitors: Monitors
+    """Every metric watched for a "best"; the runner updates them after each evaluation."""
+    monitor: Monitor
+    """`trainer.monitor`: the run's best metric (summary, sweeps)."""
     optimizer_has_modes: bool
     """Schedule-free optimizers switch between train and eval weights with the model."""
     skip_nonfinite: bool = False
     max_consecutive_skips: int = 10
     callbacks: List[Callback] = dataclasses.field(default_factory=list)
-    checkpointer: Optional[Checkpointer] = None
+    transforms: List[Transform] = dataclasses.field(default_factory=list)
+    """Applied in order to each training micro-batch before the forward pass."""
+    step_wrappers: List[StepWrapper] = dataclasses.field(default_factory=list)
+    """Act on each optimizer step's gradients before clipping (see :mod:`trainctl.steps`)."""
+    checkpoints: Optional[Checkpoints] = None
+    """When to save and the final weights (a run with a run directory)."""
     run_dir: Optional[Path] = None
-    writer: Optional[MetricsWriter] = None
     checkpointed_modules: int = 0
     """Modules whose activations are recomputed in backward."""
     compile_clock: Optional[CompileClock] = None
@@ -150,17 +165,17 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
     train_model = dist.wrap(model) if dist is not None else model
     # Parameter names (weight decay, lr_multipliers) are taken without the wrappers' parts.
     optimizer = build_optimizer(spec.optimizer, param_groups(model, spec.regularization))
-    trainer = spec.trainer
-    task = info.task
-    callbacks: List[Callback] = []
-    stopping = spec.early_stopping
-    if stopping.enabled:
-        callbacks.append(EarlyStopping(spec.monitor(task, stopping), spec.monitor_mode(task, stopping),
-                                       stopping.patience, stopping.min_delta, stopping.restore_best_weights))
-    checkpointer = None
-    if run_dir is not None and spec.checkpoint.enabled:
-        checkpointer = Checkpointer(spec.checkpoint, run_dir / "checkpoints", spec.monitor(task, spec.checkpoint),
-                                    spec.monitor_mode(task, spec.checkpoint))
+    trainer, task = spec.trainer, info.task
+    monitors = Monitors()
+    monitor = monitors.get(spec.monitor(task), spec.monitor_mode(task))
+    meter = TrainMeter(spec.logging.log_every_n_steps, device, tokens=task == "lm",
+                       memory=lambda: peak_memory_mib(device), flops_per_sample=flops, peak_tflops=peak, dist=dist)
+    checkpoints = None
+    if run_dir is not None:
+        store = CheckpointStore(run_dir / "checkpoints", spec.checkpoint.keep_last_k)
+        checkpoints = Checkpoints(spec.checkpoint, store, monitors.get(spec.monitor(task, spec.checkpoint),
+                                                                       spec.monitor_mode(task, spec.checkpoint)),
+                                  backend_for(store, model, optimizer, dist), lambda: spec_yaml(spec))
     return Run(
         spec=spec, device=device, data=bundle, model=model, loss=train_loss, optimizer=optimizer,
         scheduler=build_scheduler(spec.scheduler, optimizer, horizon),
@@ -169,12 +184,24 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
         evaluator=Evaluator(info, eval_loss, device, equal_calls=dist is not None and dist.sharded), horizon=horizon,
         grad_accum_steps=trainer.grad_accum_steps, eval_every_n_epochs=trainer.eval_every_n_epochs,
         eval_every_n_steps=trainer.eval_every_n_steps, log_every_n_steps=spec.logging.log_every_n_steps,
-        monitor=spec.monitor(info.task), mode=spec.monitor_mode(info.task),
-        optimizer_has_modes=has_train_eval_modes(spec.optimizer),
+        meter=meter, monitors=monitors, monitor=monitor, optimizer_has_modes=has_train_eval_modes(spec.optimizer),
         skip_nonfinite=trainer.on_nonfinite == "skip", max_consecutive_skips=trainer.max_consecutive_skips,
-        callbacks=callbacks, checkpointer=checkpointer, run_dir=run_dir, checkpointed_modules=wrapped,
-        compile_clock=clock, flops_per_sample=flops, peak_tflops=peak, dist=dist, train_model=train_model,
-        sharded_units=units)
+        callbacks=_callbacks(spec, task, monitors), transforms=_transforms(spec, info),
+        step_wrappers=build_step_wrappers(spec, precision.scales_loss), checkpoints=checkpoints, run_dir=run_dir,
+        checkpointed_modules=wrapped, compile_clock=clock, flops_per_sample=flops, peak_tflops=peak, dist=dist,
+        train_model=train_model, sharded_units=units)
+
+
+def _callbacks(spec: RunSpec, task: str, monitors: Monitors) -> List[Callback]:
+    """Early stopping (its own group) and the callbacks listed under `callbacks`, from the registry."""
+    context = BuildContext(spec, task, monitors)
+    chosen = [EARLY_STOPPING.build(spec.early_stopping, context)]
+    chosen += [CALLBACKS.get(name).build(settings, context) for name, settings in spec.callbacks.items()]
+    return [c for c in chosen if c is not None]
+
+
+def _transforms(spec: RunSpec, info: data_mod.DataInfo) -> List[Transform]:
+    return [TRANSFORMS.get(name).build(settings, info) for name, settings in spec.transforms.items()]
 
 
 def _check_batches(spec: RunSpec, bundle: DataBundle, world: int) -> None:
@@ -208,85 +235,3 @@ def _build_model(spec: RunSpec, info: data_mod.DataInfo, device: torch.device, p
     if spec.performance.channels_last:
         apply_channels_last(model)
     return model
-
-
-def plan(run: Run) -> Dict[str, Any]:
-    """What a run will do, before it trains (`trainctl show`, the run's opening log lines)."""
-    spec, info = run.spec, run.data.info
-    params = list({id(p): p for p in run.model.parameters()}.values())
-    return {
-        "data": f"{spec.data.name}: {info.task}, {info.n_train} train / {info.n_val} val samples"
-                + (f", {info.num_classes} classes" if info.num_classes else ""),
-        "model": f"{model_name(spec.model)}",
-        "parameters": sum(p.numel() for p in params),
-        "trainable parameters": sum(p.numel() for p in params if p.requires_grad),
-        "loss": resolve_loss(spec.loss, info.task).name,
-        "optimizer": f"{spec.optimizer.name} (lr {spec.optimizer.lr:g}, {len(run.optimizer.param_groups)} "
-                     f"parameter groups)",
-        "scheduler": spec.scheduler.name,
-        "batch size": spec.data.batch_size,
-        "gradient accumulation": run.grad_accum_steps,
-        "world size": _world_size(run),
-        "effective batch size": spec.data.batch_size * run.grad_accum_steps * _world_size(run),
-        "parallelism": _parallelism_plan(run),
-        **_steps_plan(run),
-        "device": str(run.device),
-        "precision": run.precision.name + (f" ({run.precision.policy})" if run.precision.policy else ""),
-        "performance": _performance_plan(run),
-        "checkpoints": _checkpoint_plan(spec),
-        "early stopping": (f"patience {spec.early_stopping.patience} on "
-                           f"{spec.monitor(info.task, spec.early_stopping)}" if spec.early_stopping.enabled else "off"),
-    }
-
-
-def _steps_plan(run: Run) -> Dict[str, int]:
-    """Batches and steps per process; for a job still to be launched, as each of its ranks will see them."""
-    batches, horizon = run.data.train, run.horizon
-    world = _world_size(run)
-    if world != run.world_size:
-        batches = Batches(batches.source, batches.batch_size, batches.shuffle, batches.drop_last, batches.seed,
-                          rank=0, world_size=world)
-        horizon = Horizon(*reversed(total_optimizer_steps(run.spec, len(batches))))
-    return {"batches per epoch": len(batches), "optimizer steps per epoch": horizon.steps_per_epoch,
-            "total optimizer steps": horizon.total_steps}
-
-
-def _world_size(run: Run) -> int:
-    """The processes of the job: as launched, or as `trainctl run` will launch them."""
-    par = run.spec.parallelism
-    if run.dist is not None or par.name == "single":
-        return run.world_size
-    return (par.nproc_per_node or 1) * par.nnodes
-
-
-def _parallelism_plan(run: Run) -> str:
-    par = run.spec.parallelism
-    if run.dist is None:
-        return par.name
-    details = [run.dist.backend]
-    if run.sharded:
-        details += [par.sharding, f"{run.sharded_units} units + root"]  # type: ignore[attr-defined]
-        details += ["CPU offload"] if par.cpu_offload else []  # type: ignore[attr-defined]
-    return f"{par.name} ({', '.join(details)})"
-
-
-def _checkpoint_plan(spec: RunSpec) -> str:
-    ckpt = spec.checkpoint
-    if not ckpt.enabled:
-        return "off"
-    parts = [f"every {ckpt.every_n_epochs} epoch(s)"] if ckpt.every_n_epochs else []
-    parts += [f"every {ckpt.every_n_steps} steps"] if ckpt.every_n_steps else []
-    parts += ["at the end"] if ckpt.save_last else []
-    parts += ["best"] if ckpt.save_best else []
-    keep = f"keep {ckpt.keep_last_k}" if ckpt.keep_last_k else "keep all"
-    return ", ".join(parts) + f" ({keep})"
-
-
-def _performance_plan(run: Run) -> str:
-    perf = run.spec.performance
-    parts = [f"torch.compile ({perf.compile_mode})"] if perf.compile else []
-    if run.checkpointed_modules:
-        parts.append(f"activation checkpointing of {run.checkpointed_modules} modules")
-    parts += ["channels_last"] if perf.channels_last else []
-    parts += [f"MFU against {run.peak_tflops:g} TFLOP/s"] if run.peak_tflops else []
-    return ", ".join(parts) or "eager"

@@ -1,5 +1,5 @@
-"""The `checkpoint` config group and the checkpointer: when to save, what a checkpoint holds, where
-`last` and `best` point, which old checkpoints to prune, and how to find one to resume from.
+"""The `checkpoint` config group and checkpoint files: how a checkpoint is written and committed, where
+`last` and `best` point, which old checkpoints are pruned, and how one is found, verified and read.
 
 Layout inside a run directory::
 
@@ -232,31 +232,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 # --- saving --------------------------------------------------------------------------------------------
 
-class Checkpointer:
-    """Owns the checkpoint cadence, the `best` bookkeeping, the pointers and pruning."""
+class CheckpointStore:
+    """The checkpoint files of a run directory: writing one into a temporary directory and committing it,
+    the `last`/`best` pointers, pruning, and clearing what a killed save left behind. When to save is
+    :class:`trainctl.checkpointing.Checkpoints`'s decision."""
 
-    def __init__(self, spec: CheckpointSpec, directory: Path, monitor: str, mode: str) -> None:
-        self.spec = spec
+    def __init__(self, directory: Path, keep_last_k: Optional[int]) -> None:
         self.directory = directory
-        self.monitor = monitor
-        self.mode = mode
-        self.best: Optional[float] = None
-        self.best_step: Optional[int] = None
-
-    def periodic_due(self, step: int, epoch: int, epoch_end: bool) -> bool:
-        spec = self.spec
-        return bool((spec.every_n_steps and step % spec.every_n_steps == 0)
-                    or (epoch_end and spec.every_n_epochs and epoch % spec.every_n_epochs == 0))
-
-    def improved(self, metrics: Dict[str, float], step: int) -> bool:
-        """Record a validation result; True when it is a new best worth saving."""
-        from trainctl.metrics import is_better
-
-        value = metrics.get(self.monitor)
-        if value is None or not is_better(value, self.best, self.mode):
-            return False
-        self.best, self.best_step = value, step
-        return self.spec.save_best
+        self.keep_last_k = keep_last_k
 
     def clean_stale(self) -> None:
         """Remove what a killed save left behind (temporary and half-swapped directories)."""
@@ -324,18 +307,10 @@ class Checkpointer:
 
     def prune(self) -> None:
         """Keep the newest `keep_last_k` checkpoints plus those `last` and `best` point to."""
-        k = self.spec.keep_last_k
+        k = self.keep_last_k
         if k is None:
             return
         keep = {self._target("last"), self._target("best")}
         for path in committed(self.directory)[:-k]:
             if path.name not in keep:
                 shutil.rmtree(path, ignore_errors=True)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step, "monitor": self.monitor}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state.get("monitor") == self.monitor:  # a changed monitor starts its own record
-            self.best, self.best_step = state["best"], state["best_step"]
-

@@ -6,18 +6,20 @@ from __future__ import annotations
 import gc
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-from trainctl.build import build_run, plan
+from trainctl.build import Run, build_run
+from trainctl.checkpoint import Checkpoint, newest_valid, read_checkpoint
 from trainctl.console import Display
 from trainctl.errors import ConfigError
 from trainctl.files import CheckpointError, failure_text, load_weights, write_json, write_text
 from trainctl.metrics import MetricsWriter
 from trainctl.parallel import Distributed
-from trainctl.checkpoint import Checkpoint, newest_valid, read_checkpoint
-from trainctl.resume import check_changes, find_resume_source, load_saved_spec
+from trainctl.plan import plan
+from trainctl.resume import check_changes, find_resume_source, load_saved_spec, restore_checkpoint
 from trainctl.runner import Runner
 from trainctl.spec import RunSpec, spec_yaml
+from trainctl.state import RunState
 
 log = logging.getLogger("trainctl")
 
@@ -30,27 +32,30 @@ def train(spec: RunSpec, run_dir: Path, base_dir: str, dist: Optional[Distribute
     source = find_resume_source(spec, run_dir)
     changes = check_changes(source, spec, dist.world_size if dist else 1) if source is not None else []
     run = build_run(spec, run_dir=run_dir, base_dir=base_dir, dist=dist)
+    state = RunState()
+    if source is not None:
+        restore_checkpoint(run, state, source, changes)
     display = Display(spec.logging.progress if main else "none", run.horizon.total_steps, run.horizon.total_epochs)
-    runner = Runner(run, display)
     try:
-        if source is not None:
-            _restore(runner, source, changes)
+        writer = _open_outputs(run, source, run_dir) if main else None
+        runner = Runner(run, display, state, writer)
         if main:
-            _start_files(runner, source, run_dir)
+            _write_or_refuse(run_dir, lambda: write_json(run_dir / "summary.json", {
+                **runner.summary(), "status": "running", "stop_reason": None}))
     except BaseException:
         display.stop()
         raise
     log.info("run directory: %s", run_dir)
     if source is not None:
-        log.info("resuming from %s: step %d, epoch %d, batch %d of the epoch", source.path, runner.state.step,
-                 runner.state.epoch, runner.state.batch_in_epoch)
+        log.info("resuming from %s: step %d, epoch %d, batch %d of the epoch", source.path, state.step,
+                 state.epoch, state.batch_in_epoch)
         for line in changes:
             log.warning("changed on resume: %s", line)
     elif spec.checkpoint.resume == "auto":
         log.info("no checkpoint in %s: starting from the beginning", run_dir / "checkpoints")
     for key, value in plan(run).items():
         log.info("  %-26s %s", key, f"{value:,}" if isinstance(value, int) else value)
-    if not gc.isenabled():  # switched off for the start-up of a single run (cli.py)
+    if not gc.isenabled():  # switched off for the start-up of a single run (commands/run.py, resume.py)
         gc.freeze()  # later collections skip what start-up built (its few cyclic leftovers stay)
         gc.enable()
     summary = runner.fit()
@@ -60,48 +65,29 @@ def train(spec: RunSpec, run_dir: Path, base_dir: str, dist: Optional[Distribute
     return summary
 
 
-def _start_files(runner: Runner, source: Optional[Checkpoint], run_dir: Path) -> None:
+def _open_outputs(run: Run, source: Optional[Checkpoint], run_dir: Path) -> MetricsWriter:
     """The run's first writes (rank 0): the resolved spec, the metrics writer (dropping records a killed
-    session wrote after its last checkpoint), leftovers of a killed save, and a `running` summary."""
-    run, spec = runner.run, runner.run.spec
-    try:
+    session wrote after its last checkpoint), and clearing what a killed save left behind."""
+    spec = run.spec
+
+    def write() -> MetricsWriter:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", spec_yaml(spec))
         continuing = source is not None or spec.checkpoint.resume == "auto"
-        run.writer = MetricsWriter(run_dir, spec.logging.tensorboard,
-                                   resume_step=(source.step if source else 0) if continuing else None)
-        if run.checkpointer is not None:
-            run.checkpointer.clean_stale()
-        write_json(run_dir / "summary.json", {**runner.summary(), "status": "running", "stop_reason": None})
+        writer = MetricsWriter(run_dir, spec.logging.tensorboard,
+                               resume_step=(source.step if source else 0) if continuing else None)
+        if run.checkpoints is not None:
+            run.checkpoints.store.clean_stale()
+        return writer
+    return _write_or_refuse(run_dir, write)
+
+
+def _write_or_refuse(run_dir: Path, write: Callable[[], Any]) -> Any:
+    try:
+        return write()
     except OSError as exc:
         raise ConfigError(None, f"cannot write into {run_dir}: {failure_text(exc, run_dir)}",
                           "free space on that disk, or choose another run directory") from None
-
-
-def _restore(runner: Runner, source: Checkpoint, changes: List[str]) -> None:
-    """Load a checkpoint's weights and state into a freshly built run. Anything that does not fit (a
-    state saved for another model, a part missing or of the wrong kind) is a ConfigError, raised before
-    anything in the run directory changes."""
-    run = runner.run
-    fresh = None
-    try:
-        if run.sharded:  # every rank reads its shard of the weights and optimizer state
-            from trainctl.optim import optimizer_settings
-            from trainctl.sharding import load_sharded
-
-            fresh = optimizer_settings(run.optimizer)
-            load_sharded(run.model, run.optimizer, source.path)
-        else:
-            load_weights(run.model, source.weights)
-        runner.load_state_dict(source.state, new_settings=any(
-            line.startswith(("optimizer.", "regularization.")) for line in changes), fresh=fresh)
-    except CheckpointError as exc:
-        raise ConfigError("checkpoint.resume", str(exc), "resume with the model settings it was saved with") from None
-    except Exception as exc:  # a part of state.pt that does not fit this run
-        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
-        raise ConfigError("checkpoint.resume", f"{source.path} does not fit this run: {detail}",
-                          "resume from a checkpoint this run wrote, or start a new run") from None
-    runner.last_checkpoint = str(source.path)
 
 
 def _saved_weights(path: Path) -> Tuple[Path, Optional[Checkpoint], Optional[Path]]:

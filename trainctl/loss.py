@@ -80,22 +80,30 @@ class HuberSpec(LossSpec):
 
 class SumLoss:
     """``loss(outputs, targets)`` is the sum of per-term losses; ``loss.count(targets)`` the number of
-    terms, known from shapes before the forward pass (so the window total needs no sync)."""
+    terms, known from shapes before the forward pass (so the window total needs no sync).
+
+    A classification criterion (``classes``) also takes soft targets - class probabilities, one row per
+    sample (or token), as a batch transform such as mixup produces - and counts one term per row."""
 
     def __init__(self, fn: Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"],
-                 prepare: Callable[[Any, Any], Tuple[Any, Any]], terms_per_target: int = 1) -> None:
+                 prepare: Callable[[Any, Any], Tuple[Any, Any]], terms_per_target: int = 1,
+                 classes: bool = False) -> None:
         self.fn = fn
         self.prepare = prepare
         self.terms_per_target = terms_per_target
+        self.classes = classes
 
     def __call__(self, outputs: "torch.Tensor", targets: "torch.Tensor") -> "torch.Tensor":
         return self.fn(*self.prepare(outputs, targets))
 
     def count(self, targets: "torch.Tensor") -> int:
-        return targets.numel() * self.terms_per_target
+        soft = self.classes and targets.is_floating_point()
+        return (targets.numel() // targets.shape[-1] if soft else targets.numel()) * self.terms_per_target
 
 
 def _logits_2d(outputs, targets):
+    if targets.is_floating_point():  # class probabilities
+        return outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1, targets.shape[-1]).to(outputs.dtype)
     return outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1)
 
 
@@ -106,6 +114,8 @@ def _same(outputs, targets):
 def _binary_targets(outputs, targets):
     import torch.nn.functional as F
 
+    if targets.is_floating_point():  # class probabilities: the positive class's, or one per class
+        return outputs, (targets[..., 1:2] if outputs.shape[-1] == 1 else targets).to(outputs.dtype)
     if outputs.shape[-1] == 1:
         return outputs, targets.reshape(-1, 1).to(outputs.dtype)
     return outputs, F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)
@@ -114,14 +124,15 @@ def _binary_targets(outputs, targets):
 def _cross_entropy(spec, smoothing: float, outputs: int) -> SumLoss:
     import torch.nn.functional as F
 
-    return SumLoss(lambda o, t: F.cross_entropy(o, t, reduction="sum", label_smoothing=smoothing), _logits_2d)
+    return SumLoss(lambda o, t: F.cross_entropy(o, t, reduction="sum", label_smoothing=smoothing), _logits_2d,
+                   classes=True)
 
 
 def _bce(spec, smoothing: float, outputs: int) -> SumLoss:
     import torch.nn.functional as F
 
     return SumLoss(lambda o, t: F.binary_cross_entropy_with_logits(o, t, reduction="sum"), _binary_targets,
-                   terms_per_target=outputs)
+                   terms_per_target=outputs, classes=True)
 
 
 def _regression(name: str) -> Callable[[Any, float, int], SumLoss]:

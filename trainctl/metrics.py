@@ -1,4 +1,5 @@
-"""Metrics: validation with torchmetrics, the training-loss meter, and the metrics.jsonl/TensorBoard writer.
+"""The `logging` config group and the metrics: validation with torchmetrics, the training-loss meter,
+and the metrics.jsonl/TensorBoard writer.
 
 The meter keeps the running training loss on the device and reads it only every
 `logging.log_every_n_steps` optimizer steps, so the training loop never waits on the device.
@@ -11,7 +12,10 @@ import json
 import math
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterable, Iterator, Optional, Tuple
+
+from trainctl.errors import check, check_choice
 
 if TYPE_CHECKING:
     import torch
@@ -29,14 +33,25 @@ VAL_METRICS = {
 MODE_OF = {"acc": "max", "f1": "max", "loss": "min", "mse": "min", "mae": "min", "ppl": "min"}
 
 
+@dataclass
+class LoggingSpec:
+    """What is reported, where, and how often."""
+
+    log_every_n_steps: int = 10
+    """Optimizer steps between training-loss readings (each reading is one host sync)."""
+    progress: str = "auto"
+    """auto (a live bar on a terminal, plain lines otherwise), bar, plain or none."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under `tb/` in the run directory."""
+
+    def validate(self, key: str = "logging") -> None:
+        check(self.log_every_n_steps >= 1, f"{key}.log_every_n_steps", "must be >= 1",
+              f"set {key}.log_every_n_steps=10")
+        check_choice(self.progress, ("auto", "bar", "plain", "none"), f"{key}.progress")
+
+
 def default_monitor(task: str) -> Tuple[str, str]:
     return ("val/acc", "max") if task == "classification" else ("val/loss", "min")
-
-
-def is_better(value: float, best: Optional[float], mode: str) -> bool:
-    if best is None or math.isnan(best):
-        return not math.isnan(value)
-    return value > best if mode == "max" else value < best
 
 
 class Evaluator:
@@ -279,6 +294,7 @@ class MetricsWriter:
                 if self._tb is None:  # importing tensorboard takes ~1 s: pay it at the first log, not at start
                     from torch.utils.tensorboard import SummaryWriter
 
+                    _quiet_tensorboard_threads()
                     self._tb = SummaryWriter(log_dir=str(self.tb_dir), purge_step=self.purge_step)
                 for key, value in values.items():
                     self._tb.add_scalar(key, value, step)
@@ -299,6 +315,23 @@ class MetricsWriter:
 
                 self.error = self.error or f"could not write {self.path.parent}: {failure_text(exc, self.path.parent)}"
         self._tb = None
+
+
+def _quiet_tensorboard_threads() -> None:
+    """TensorBoard writes from a thread of its own; a failed write (a full disk) ends that thread with a
+    traceback on stderr before the writer re-raises it to the caller, which reports it. Keep the
+    thread's traceback off the console; exceptions of every other thread still print."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "_trainctl", False):
+        return
+
+    def hook(args: Any) -> None:
+        if not type(args.thread).__module__.startswith("tensorboard."):
+            previous(args)
+    hook._trainctl = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def _finite_or_str(value: float) -> Any:

@@ -76,6 +76,8 @@ class Precision:
     name = "fp32"
     dtype: Optional["torch.dtype"] = None
     """Autocast dtype (None: no autocast)."""
+    scales_loss = False
+    """Whether backward runs on a scaled loss (fp16's GradScaler)."""
 
     def __init__(self, device: Optional["torch.device"] = None) -> None:
         self.device_type = device.type if device is not None else "cpu"
@@ -100,14 +102,21 @@ class Precision:
         loss.backward()
 
     def step(self, optimizer: "torch.optim.Optimizer", clip: Callable[[], Optional["torch.Tensor"]],
-             guard: Optional[Callable[[Optional["torch.Tensor"]], bool]] = None
-             ) -> Tuple[Optional["torch.Tensor"], bool]:
-        """Clip, then step unless ``guard(norm)`` says no. Returns (pre-clip grad norm or None, stepped)."""
+             guard: Optional[Callable[[Optional["torch.Tensor"]], bool]] = None,
+             before: Optional[Callable[[], None]] = None) -> Tuple[Optional["torch.Tensor"], bool]:
+        """``before()`` (callbacks and step wrappers see the gradients), clip, then step unless
+        ``guard(norm)`` says no. Returns (pre-clip grad norm or None, stepped)."""
+        if before is not None:
+            before()
         norm = clip()
         if guard is not None and not guard(norm):
             return norm, False
         optimizer.step()
         return norm, True
+
+    def log_values(self) -> Dict[str, float]:
+        """What this policy reports with each training log record."""
+        return {}
 
     def state_dict(self) -> Dict[str, Any]:
         return {}
@@ -130,6 +139,8 @@ class TruePrecision(AutocastPrecision):
 class ScaledPrecision(AutocastPrecision):
     """fp16 autocast with torch.amp.GradScaler: scale -> backward -> unscale -> clip -> step -> update."""
 
+    scales_loss = True
+
     def __init__(self, device: "torch.device", spec: FP16Spec) -> None:
         import torch
 
@@ -142,9 +153,11 @@ class ScaledPrecision(AutocastPrecision):
     def backward(self, loss: "torch.Tensor") -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, optimizer, clip, guard=None):
+    def step(self, optimizer, clip, guard=None, before=None):
         scaler = self.scaler
-        scaler.unscale_(optimizer)  # clipping and the guard see the true gradients
+        scaler.unscale_(optimizer)  # callbacks, wrappers, clipping and the guard see the true gradients
+        if before is not None:
+            before()
         norm = clip()
         if guard is not None and not guard(norm):
             scaler.update()  # an overflow still lowers the scale
@@ -157,6 +170,9 @@ class ScaledPrecision(AutocastPrecision):
         self.overflow = self.scale < scale
         self.overflow_skips += self.overflow
         return norm, not self.overflow
+
+    def log_values(self) -> Dict[str, float]:
+        return {"train/amp_skipped_steps": self.overflow_skips, "train/loss_scale": self.scaler.get_scale()}
 
     def state_dict(self) -> Dict[str, Any]:
         return {"scaler": self.scaler.state_dict(), "overflow_skips": self.overflow_skips}

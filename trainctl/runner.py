@@ -1,7 +1,14 @@
-"""The training loop. Runner.fit() drives epochs; train_step() does one optimizer step over an
-accumulation window; _after_step() is the step boundary where logging, evaluation, callbacks and
-checkpoints happen, in that order. The runner builds nothing and reads no config: components
-(precision, clipper, scheduler, meter, checkpointer, callbacks, writer, display) do their own parts.
+"""The training loop, and nothing else. It builds nothing and reads no config: the components of the
+built :class:`~trainctl.build.Run` do their parts, and the loop reads top to bottom like the algorithm:
+
+    for each epoch, for each accumulation window of micro-batches:
+        transform each micro-batch; forward and backward it, its loss sum scaled by the window's terms
+        precision.step: unscale -> callbacks and step wrappers see the gradients -> clip -> step
+        schedule.step; zero the gradients; count samples and terms
+        at the step boundary: log, evaluate (monitors, schedule, callbacks), checkpoint
+
+Callbacks are called only at the hooks they override; timing lives in :class:`~trainctl.accounting.Clock`,
+checkpoints in :class:`~trainctl.checkpointing.Checkpoints`.
 """
 
 from __future__ import annotations
@@ -11,88 +18,74 @@ import math
 import signal
 import sys
 import threading
-import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from trainctl import __version__
+from trainctl.accounting import Clock, summary
 from trainctl.batches import Batch, windows_of
-from trainctl.build import Run
+from trainctl.callbacks import HOOKS, hooked
+from trainctl.checkpointing import snapshot
 from trainctl.console import Display
 from trainctl.files import write_json
-from trainctl.metrics import TrainMeter, is_better, speed
-from trainctl.performance import peak_memory_mib, seconds_since_process_start
-from trainctl.precision import ScaledPrecision
-from trainctl.saving import Saving
+from trainctl.metrics import MetricsWriter
 from trainctl.state import RunState
+
+if TYPE_CHECKING:
+    from trainctl.build import Run
 
 log = logging.getLogger("trainctl")
 
-DONE = ("completed", "early_stopped")
 
-
-
-class Runner(Saving):
-    def __init__(self, run: Run, display: Optional[Display] = None, state: Optional[RunState] = None) -> None:
+class Runner:
+    def __init__(self, run: "Run", display: Optional[Display] = None, state: Optional[RunState] = None,
+                 writer: Optional[MetricsWriter] = None) -> None:
         self.run = run
         self.state = state or RunState()
         self.display = display or Display("none", run.horizon.total_steps, run.horizon.total_epochs,
                                           attach_log=False)
-        self.meter = TrainMeter(run.log_every_n_steps, run.device, tokens=run.data.info.task == "lm",
-                                memory=lambda: peak_memory_mib(run.device), flops_per_sample=run.flops_per_sample,
-                                peak_tflops=run.peak_tflops, dist=run.dist)
+        self.writer = writer
+        self.meter = run.meter
+        self.clock = Clock(run)
+        self.hooks = {name: hooked(run.callbacks, name) for name in HOOKS}
+        """The callbacks that override each hook; the others cost nothing."""
         self.final: Dict[str, float] = {}
-        self.eval_seconds = 0.0
-        self.checkpoint_seconds = 0.0
-        self.session_samples = 0
-        self.session_steps = 0
-        self.compile_seconds = 0.0
-        """This session's compile seconds (kept out of training time, evaluation time and throughput)."""
-        self.first_step_seconds: Optional[float] = None
-        """Seconds from process start to the end of this session's first optimizer step."""
+        """The latest reading of every logged value (the summary's `final`)."""
         self.lr = 0.0
         self.signal: Optional[int] = None
+        self.notes: Dict[str, Any] = {}
+        """What the summary reports besides the readings: the signal, errors."""
         self._stop_pending: Optional[str] = None
         """Under DDP/FSDP: why this rank wants the job to stop (a signal, a failed write), until the ranks agree."""
-        self.write_error: Optional[str] = None
-        """Why metrics.jsonl or TensorBoard could not be written (the writer stopped)."""
-        self.last_checkpoint: Optional[str] = None
-        self.checkpoint_error: Optional[str] = None
-        self._improved = False
-        self._spec_yaml: Optional[str] = None
-        self._started = time.perf_counter()
-        self._train_seconds_before = 0.0
+        self._session: Tuple[int, int] = (0, 0)
 
     # --- the loop ------------------------------------------------------------------------------------
 
     def fit(self) -> Dict[str, Any]:
         run, state = self.run, self.state
-        self._started = time.perf_counter()
-        self._train_seconds_before = state.train_seconds
-        samples_before, steps_before = state.samples_seen, state.step
+        self.clock.start(state.train_seconds)
+        self._session = (state.samples_seen, state.step)
         run.model.train()
         self._optimizer_mode("train")
+        self._call("on_fit_start")
         self.display.start(state.epoch, state.step)
         try:
             with self._stop_on_signals():
                 if state.eval_pending:  # the interrupted session owed this evaluation
                     state.eval_pending = False
                     self.evaluate()
-                    self._maybe_checkpoint(False, state.step >= run.horizon.total_steps)
+                    self._checkpoint_if_due(False, state.step >= run.horizon.total_steps)
                 while not state.should_stop and state.step < run.horizon.total_steps:
                     self._train_epoch()
         except BaseException as exc:
             state.request_stop("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
             self.display.stop()
-            self.session_samples, self.session_steps = state.samples_seen - samples_before, state.step - steps_before
             self._finish(error=exc)
             raise
         self.display.stop()
         state.request_stop("completed")
-        self.session_samples, self.session_steps = state.samples_seen - samples_before, state.step - steps_before
         return self._finish()
 
     def _train_epoch(self) -> None:
@@ -112,10 +105,32 @@ class Runner(Saving):
         the accumulated gradient equals that of one batch holding all of the window's samples.
         """
         run = self.run
+        self._call("on_step_start")
+        if run.transforms:
+            window = [self._transformed(x, y) for x, y in window]
         terms = sum(run.loss.count(y) for _, y in window)
-        window_loss: Optional[torch.Tensor] = None
+        window_loss = self._forward_backward(window, terms)
+        self.lr = run.optimizer.param_groups[0]["lr"]  # the lr this step used, before the schedule moves on
+        guard = self._finite_guard(window_loss) if run.skip_nonfinite else None
+        before = self._before_optimizer_step(window, terms) if (run.step_wrappers or self.hooks[
+            "on_before_optimizer_step"]) else None
+        grad_norm, stepped = run.precision.step(run.optimizer, run.clipper, guard, before)
+        if stepped:
+            run.scheduler.step()
+        else:  # the schedule keeps counting steps; torch warns when it moves before any optimizer step
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        self._count(window, terms, window_loss, grad_norm, stepped)
+        self._call("on_step_end")
+
+    def _forward_backward(self, window: List[Batch], terms: int) -> torch.Tensor:
+        """The window's gradients, accumulated in ``p.grad``; returns the window's loss sum (on the device)."""
+        run = self.run
         model = run.train_model
         assert model is not None
+        window_loss: Optional[torch.Tensor] = None
         for i, (x, y) in enumerate(window):
             # Ranks hold equal shares, so DDP's average of their gradients is the whole window's gradient;
             # they are exchanged once per window, after its last micro-batch.
@@ -126,24 +141,38 @@ class Runner(Saving):
             loss_sum = loss_sum.detach()
             window_loss = loss_sum if window_loss is None else window_loss + loss_sum
         assert window_loss is not None
-        self.lr = run.optimizer.param_groups[0]["lr"]  # the lr this step used, before the schedule moves on
-        guard = self._finite_guard(window_loss) if run.skip_nonfinite else None
-        grad_norm, stepped = run.precision.step(run.optimizer, run.clipper, guard)
-        if stepped:
-            run.scheduler.step()
-        else:  # the schedule keeps counting steps; torch warns when it moves before any optimizer step
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        return window_loss
+
+    def _transformed(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
+        for transform in self.run.transforms:
+            x, y = transform(x, y)
+        return x, y
+
+    def _before_optimizer_step(self, window: List[Batch], terms: int) -> Callable[[], None]:
+        """Called by the precision policy once the gradients are unscaled: callbacks look, wrappers act."""
+        run = self.run
+
+        def recompute() -> None:
+            run.optimizer.zero_grad(set_to_none=True)
+            self._forward_backward(window, terms)
+
+        def before() -> None:
+            self._call("on_before_optimizer_step")
+            for wrapper in run.step_wrappers:
+                wrapper.before_step(run.clipper.params, recompute)
+        return before
+
+    def _count(self, window: List[Batch], terms: int, window_loss: torch.Tensor,
+               grad_norm: Optional[torch.Tensor], stepped: bool) -> None:
+        run, state = self.run, self.state
         samples = sum(len(x) for x, _ in window) * run.world_size  # every rank holds an equal share
         terms *= run.world_size
-        self.state.samples_seen += samples
-        self.state.step += 1
+        state.samples_seen += samples
+        state.step += 1
         if stepped:
             self.meter.add(window_loss)
             self.meter.step_done(samples, terms, grad_norm)
-            self.state.consecutive_skips = 0
+            state.consecutive_skips = 0
         elif run.precision.overflow:  # the loss scaler skipped an overflowing step: expected, counted
             self.meter.add(window_loss)
             self.meter.step_done(samples, terms, None)
@@ -172,6 +201,10 @@ class Runner(Saving):
             self._diverged(f"{state.consecutive_skips} optimizer steps in a row had a non-finite loss or "
                            f"gradient norm (trainer.max_consecutive_skips={self.run.max_consecutive_skips})")
 
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.hooks[hook]:
+            getattr(callback, hook)(self.run, self.state, *args)
+
     # --- the step boundary -----------------------------------------------------------------------------
 
     def _after_step(self) -> None:
@@ -181,8 +214,7 @@ class Runner(Saving):
             state.epoch += 1
             state.batch_in_epoch = 0
         last = state.step >= run.horizon.total_steps
-        if self.first_step_seconds is None:
-            self.first_step_seconds = seconds_since_process_start()
+        self.clock.step_done()
         self.display.step(state.step, state.epoch)
         if run.dist is not None and (epoch_end or self.meter.should_log(state.step)):
             self._agree_on_stop()
@@ -195,7 +227,7 @@ class Runner(Saving):
                 state.eval_pending = True  # stop promptly; the resumed run evaluates first
             else:
                 self.evaluate()
-        self._maybe_checkpoint(epoch_end, last)
+        self._checkpoint_if_due(epoch_end, last)
 
     def _agree_on_stop(self) -> None:
         """A signal reaches the ranks at different moments; they stop together, at the first log step
@@ -206,6 +238,13 @@ class Runner(Saving):
             # rank 0's reason when it has one (a failed write is only seen there), else a signal's
             self.state.request_stop(dist.broadcast(self._stop_pending) or "interrupted")
 
+    def _stop(self, reason: str) -> None:
+        """Stop at this step boundary; under DDP/FSDP at the next one all ranks agree on."""
+        if self.run.dist is None:
+            self.state.request_stop(reason)
+        elif self._stop_pending is None:
+            self._stop_pending = reason
+
     def _eval_due(self, epoch_end: bool, last: bool) -> bool:
         run, state = self.run, self.state
         if state.last_eval_step == state.step:
@@ -215,63 +254,64 @@ class Runner(Saving):
                     or (last and self._evaluates()))
 
     def _log_training(self) -> None:
-        self._exclude_compile_time()
+        self.clock.take_compile()
         values = self.meter.read()
         values["lr"] = self.lr
         if self.run.skip_nonfinite:
             values["train/skipped_steps"] = self.state.skipped_steps
-        if isinstance(self.run.precision, ScaledPrecision):
-            values["train/amp_skipped_steps"] = self.run.precision.overflow_skips
-            values["train/loss_scale"] = self.run.precision.scaler.get_scale()
+        values.update(self.run.precision.log_values())
+        for callback in self.hooks["on_log"]:
+            values.update(callback.on_log(self.run, self.state))
         self._record(values)
         if not all(math.isfinite(values.get(k, 0.0)) for k in ("train/loss", "train/grad_norm")):
             self._diverged(f"the training loss or gradient norm became non-finite (train/loss "
                            f"{values['train/loss']}, logged every {self.meter.every} steps)")
 
     def _diverged(self, what: str) -> None:
-        kept = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+        last = self.run.checkpoints.last if self.run.checkpoints is not None else None
+        kept = f"; the last good checkpoint is {last}" if last else ""
         log.error("step %d: %s. The run stops as diverged and no checkpoint is written from this state%s. "
                   "Likely fixes: lower optimizer.lr, set regularization.max_grad_norm=1.0, add warmup "
                   "(scheduler=warmup_cosine), or trainer.on_nonfinite=skip to skip bad steps.",
                   self.state.step, what, kept)
         self.state.request_stop("diverged")
 
-    # --- evaluation --------------------------------------------------------------------------------
+    # --- evaluation and checkpoints ------------------------------------------------------------------
 
     def _evaluates(self) -> bool:
         return bool(self.run.eval_every_n_epochs or self.run.eval_every_n_steps)
 
     def evaluate(self) -> Dict[str, float]:
         run, state = self.run, self.state
-        self._exclude_compile_time()
-        tic = time.perf_counter()
-        self._optimizer_mode("eval")
-        metrics = run.evaluator(run.model, run.data.val, run.precision.autocast)
-        self._optimizer_mode("train")
-        state.last_eval_step = state.step
-        value = metrics.get(run.monitor)
-        if value is not None and is_better(value, state.best_metric, run.mode):
-            state.best_metric, state.best_step = value, state.step
-        run.scheduler.on_eval(metrics)
-        if run.checkpointer is not None:
-            self._improved = run.checkpointer.improved(metrics, state.step)
-        for callback in run.callbacks:
-            callback.on_eval(state, metrics, run.model)
-        self._record(metrics)
-        seconds = time.perf_counter() - tic
-        self.meter.exclude(seconds)
-        if run.compile_clock is not None:  # compiling the eval graph counts as compile time, not eval time
-            compiled = run.compile_clock.take()
-            self.compile_seconds += compiled
-            seconds -= compiled
-        self.eval_seconds += seconds
+        with self.clock.timing("eval"):
+            self._call("on_eval_start")
+            self._optimizer_mode("eval")
+            metrics = run.evaluator(run.model, run.data.val, run.precision.autocast)
+            self._optimizer_mode("train")
+            state.last_eval_step = state.step
+            run.monitors.update(metrics, state.step)
+            run.scheduler.on_eval(metrics)
+            if run.checkpoints is not None:
+                run.checkpoints.evaluated()
+            self._call("on_eval_end", metrics)
+            self._record(metrics)
         return metrics
 
-    def _exclude_compile_time(self) -> None:
-        if self.run.compile_clock is not None:
-            seconds = self.run.compile_clock.take()
-            self.compile_seconds += seconds
-            self.meter.exclude(seconds)
+    def _checkpoint_if_due(self, epoch_end: bool, last: bool) -> None:
+        run, state = self.run, self.state
+        best = run.checkpoints.due(state, epoch_end, last) if run.checkpoints is not None else None
+        if best is None:
+            return
+        if not self.meter.finite():  # never checkpoint a state reached through a non-finite step
+            self._diverged("the training loss or gradient norm became non-finite")
+            return
+        assert run.checkpoints is not None
+        state.train_seconds = self.clock.train_seconds()
+        with self.clock.timing("checkpoint"):
+            failed = run.checkpoints.save(state, snapshot(run, state), run.world_size,
+                                          self.final.get(run.checkpoints.monitor.metric), best)
+        if failed:
+            state.request_stop(failed)
 
     def _optimizer_mode(self, mode: str) -> None:
         if self.run.optimizer_has_modes:
@@ -279,7 +319,7 @@ class Runner(Saving):
 
     def _record(self, values: Dict[str, float]) -> None:
         self.final.update(values)
-        writer = self.run.writer
+        writer = self.writer
         if writer is not None and writer.error is None:
             writer.write(self.state.step, self.state.epoch, values)
             if writer.error is not None:
@@ -289,20 +329,14 @@ class Runner(Saving):
     def _write_failed(self, error: str) -> None:
         """metrics.jsonl or TensorBoard can no longer be written: stop cleanly (the last checkpoint stays
         valid), or with `checkpoint.on_error=continue` train on without them."""
-        self.write_error = error
+        self.notes["write_error"] = error
         if self.run.spec.checkpoint.on_error == "continue":
             log.error("%s; training continues without metrics (checkpoint.on_error=continue)", error)
             return
-        kept = f"the last checkpoint ({self.last_checkpoint}) stays valid" if self.last_checkpoint else "no checkpoint was saved"
+        last = self.run.checkpoints.last if self.run.checkpoints is not None else None
+        kept = f"the last checkpoint ({last}) stays valid" if last else "no checkpoint was saved"
         log.error("%s; the run stops and %s (set checkpoint.on_error=continue to train on without metrics)", error, kept)
         self._stop("failed")
-
-    def _stop(self, reason: str) -> None:
-        """Stop at this step boundary; under DDP/FSDP at the next one all ranks agree on."""
-        if self.run.dist is None:
-            self.state.request_stop(reason)
-        elif self._stop_pending is None:
-            self._stop_pending = reason
 
     # --- stopping and finishing ---------------------------------------------------------------------
 
@@ -333,90 +367,42 @@ class Runner(Saving):
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
-    def _train_seconds(self) -> float:
-        self._exclude_compile_time()
-        session = (time.perf_counter() - self._started - self.eval_seconds - self.checkpoint_seconds
-                   - self.compile_seconds)
-        return self._train_seconds_before + max(0.0, session)
-
     def summary(self, error: Optional[BaseException] = None) -> Dict[str, Any]:
         run, state = self.run, self.state
-        wall = time.perf_counter() - self._started
-        session_train = max(self._train_seconds() - self._train_seconds_before, 1e-9)
         reason = state.stop_reason or "completed"
-        status = "done" if reason in DONE else "interrupted" if reason == "interrupted" else "failed"
-        summary = {
-            "status": status, "stop_reason": reason, "monitor": run.monitor, "mode": run.mode,
-            "best_metric": state.best_metric, "best_step": state.best_step,
-            "final": {k: v for k, v in self.final.items() if k.startswith(("val/", "train/loss"))},
-            "steps": state.step, "epochs_completed": state.epoch, "samples_seen": state.samples_seen,
-            "world_size": run.world_size,
-            "wall_seconds": round(wall, 3), "train_seconds": round(self._train_seconds(), 3),
-            "eval_seconds": round(self.eval_seconds, 3), "checkpoint_seconds": round(self.checkpoint_seconds, 3),
-            **self._throughput(session_train),
-            "skipped_steps": state.skipped_steps, "amp_skipped_steps": run.precision.overflow_skips,
-            "training_state_mib": self._training_state(),
-            "last_checkpoint": self.last_checkpoint,
-            "run_dir": str(run.run_dir) if run.run_dir else None,
-            "trainctl_version": __version__, "torch_version": torch.__version__,
-        }
-        if self.signal is not None:
-            summary["signal"], summary["signal_number"] = signal.Signals(self.signal).name, int(self.signal)
-        if self.checkpoint_error:
-            summary["checkpoint_error"] = self.checkpoint_error
-        if self.write_error:
-            summary["error" if reason == "failed" and error is None else "logging_error"] = self.write_error
+        notes = {"signal": self.signal,
+                 "checkpoint_error": run.checkpoints.error if run.checkpoints is not None else None}
+        write_error = self.notes.get("write_error")
+        if write_error:
+            notes["error" if reason == "failed" and error is None else "logging_error"] = write_error
         if error is not None and not isinstance(error, KeyboardInterrupt):
-            summary["error"] = f"{type(error).__name__}: {error}"
-        return summary
-
-    def _training_state(self) -> Optional[Dict[str, float]]:
-        """Parameters, gradients and optimizer state held by this process (rank 0's under DDP/FSDP)."""
-        from trainctl.sharding import state_mib
-
-        try:
-            return state_mib(self.run.model, self.run.optimizer)
-        except (RuntimeError, AttributeError):  # an optimizer keeping its state in another form
-            return None
-
-    def _throughput(self, seconds: float) -> Dict[str, Any]:
-        """This session's speed and memory figures for the summary."""
-        run = self.run
-        tokens = None
-        if run.data.info.task == "lm":  # every sample is one window of seq_len tokens
-            tokens = self.session_samples * run.data.info.input_shape[0]
-        values: Dict[str, Any] = speed(seconds, self.session_samples, self.session_steps,
-                                       self.meter.session_data_seconds, tokens, peak_memory_mib(run.device),
-                                       run.flops_per_sample, run.peak_tflops)
-        values["data_wait_share"] = values.pop("data_wait")
-        if run.compile_clock is not None:
-            values["compile_seconds"] = round(run.compile_clock.seconds, 3)
-        values["time_to_first_step_seconds"] = self.first_step_seconds
-        values["activation_checkpointed_modules"] = run.checkpointed_modules
-        return values
+            notes["error"] = f"{type(error).__name__}: {error}"
+        samples, steps = state.samples_seen - self._session[0], state.step - self._session[1]
+        return summary(run, state, self.clock, self.final, samples, steps, notes)
 
     def _finish(self, error: Optional[BaseException] = None) -> Dict[str, Any]:
         run, state = self.run, self.state
         if error is None:
-            for callback in run.callbacks:
-                callback.on_fit_end(state, run.model)
+            self._call("on_fit_end")
         self._optimizer_mode("eval")  # schedule-free: the saved weights are the averaged ones
         crashed = error is not None and not isinstance(error, KeyboardInterrupt)
-        if run.run_dir is not None and state.stop_reason != "diverged" and not crashed:
-            self._save_final_weights(run.run_dir / "model.safetensors", error is None)
-        summary = self.summary(error)
+        if run.run_dir is not None and run.checkpoints is not None and state.stop_reason != "diverged" and not crashed:
+            if run.checkpoints.write_weights(run.run_dir / "model.safetensors", state.step, error is None):
+                if state.stop_reason in ("completed", "early_stopped"):
+                    state.stop_reason = "checkpoint_failed"
+        out = self.summary(error)
         if run.compile_clock is not None:
             run.compile_clock.close()
-        if run.writer is not None:
-            run.writer.close()
-            if run.writer.error is not None and self.write_error is None:  # the last records could not be flushed
-                self.write_error = summary["logging_error"] = run.writer.error
-                log.error("%s", run.writer.error)
+        if self.writer is not None:
+            self.writer.close()
+            if self.writer.error is not None and not self.notes.get("write_error"):  # the last records were lost
+                self.notes["write_error"] = out["logging_error"] = self.writer.error
+                log.error("%s", self.writer.error)
         if run.run_dir is not None and run.is_main:
             try:  # in place if the disk has no room for a new copy: the run's end is recorded either way
-                write_json(run.run_dir / "summary.json", summary, in_place_when_full=True)
+                write_json(run.run_dir / "summary.json", out, in_place_when_full=True)
             except OSError as exc:
                 log.error("could not write the summary: %s", exc.strerror or exc)
                 print(f"trainctl: error: could not write {run.run_dir / 'summary.json'}: {exc.strerror or exc}",
                       file=sys.stderr, flush=True)
-        return summary
+        return out

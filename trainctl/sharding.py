@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from trainctl.checkpoint import Checkpointer
+    from trainctl.checkpoint import CheckpointStore
     from trainctl.precision import Precision
 
 log = logging.getLogger("trainctl")
@@ -109,7 +109,7 @@ def save_sharded(model: "nn.Module", optimizer: "torch.optim.Optimizer", directo
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
 
 
-def save_checkpoint(checkpointer: "Checkpointer", dist: Distributed, model: "nn.Module",
+def save_checkpoint(checkpointer: "CheckpointStore", dist: Distributed, model: "nn.Module",
                     optimizer: "torch.optim.Optimizer", step: int, state: Dict[str, Any], spec_yaml: Optional[str],
                     meta: Dict[str, Any], best: bool) -> Tuple[Optional[str], Optional[str]]:
     """A sharded checkpoint, on every rank: rank 0 makes the temporary directory, every rank writes its
