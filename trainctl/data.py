@@ -66,7 +66,8 @@ class DigitsSpec(DataSpec):
 
 @dataclass
 class SyntheticSpec(DataSpec):
-    """Classification or regression data generated from `data.seed` (scikit-learn's generators)."""
+    """Classification or regression data generated from `data.seed`: scikit-learn's `make_classification` /
+    `make_regression`, the same arrays, generated without importing scikit-learn."""
 
     name: str = "synthetic"
     task: str = "classification"
@@ -220,16 +221,14 @@ def _load_digits(spec: DigitsSpec) -> Arrays:
 
 
 def _load_synthetic(spec: SyntheticSpec) -> Arrays:
-    from sklearn import datasets
+    from trainctl import synthetic
 
     if spec.task == "classification":
-        x, y = datasets.make_classification(
-            n_samples=spec.n_samples, n_features=spec.n_features, n_informative=spec.n_informative,
-            n_redundant=0, n_classes=spec.n_classes, flip_y=spec.noise, random_state=spec.seed)
+        x, y = synthetic.make_classification(spec.n_samples, spec.n_features, spec.n_informative, spec.n_classes,
+                                             spec.noise, spec.seed)
         return tabular(x, y.astype(np.int64), spec, "classification", None, True)
-    x, y = datasets.make_regression(
-        n_samples=spec.n_samples, n_features=spec.n_features, n_informative=spec.n_informative,
-        n_targets=spec.n_targets, noise=spec.noise, random_state=spec.seed)
+    x, y = synthetic.make_regression(spec.n_samples, spec.n_features, spec.n_informative, spec.n_targets,
+                                     spec.noise, spec.seed)
     return tabular(x, y.reshape(len(y), -1), spec, "regression", None, True)
 
 
