@@ -325,7 +325,7 @@ def test_an_interruption_when_an_evaluation_is_due_defers_it_to_the_resumed_run(
 
 
 def test_an_exception_mid_run_is_recorded_and_the_last_checkpoint_stays(tmp_path, monkeypatch):
-    from trainctl.metrics import Evaluator
+    from trainctl.evaluation import Evaluator
 
     original, calls = Evaluator.__call__, {"n": 0}
 

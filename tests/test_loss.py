@@ -72,3 +72,78 @@ def test_an_epoch_end_that_is_also_an_interval_step_is_evaluated_once(tmp_path):
     Runner(run, writer=MetricsWriter(tmp_path, tensorboard=False)).fit()
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val/acc" in r] == [23, 46]
+
+
+def _torchmetrics_reference(info, batches, loss) -> dict:
+    """The same metrics from torchmetrics, batch by batch, the way trainctl used to compute them."""
+    import torchmetrics
+    from torchmetrics import classification, regression, text
+
+    mean = torchmetrics.MeanMetric()
+    if info.task == "classification":
+        metrics = {"val/acc": classification.MulticlassAccuracy(info.num_classes, average="micro"),
+                   "val/f1": classification.MulticlassF1Score(info.num_classes, average="macro")}
+    elif info.task == "regression":
+        metrics = {"val/mse": regression.MeanSquaredError(num_outputs=info.num_targets),
+                   "val/mae": regression.MeanAbsoluteError(num_outputs=info.num_targets)}
+    else:
+        metrics = {"val/ppl": text.Perplexity()}
+    for outputs, targets in batches:
+        mean.update(loss(outputs, targets) / loss.count(targets), loss.count(targets))
+        if info.task == "classification":
+            preds = (outputs[:, 0] > 0).long() if outputs.shape[-1] == 1 else outputs.argmax(-1)
+            for m in metrics.values():
+                m.update(preds, targets)
+        elif info.task == "regression":
+            for m in metrics.values():
+                m.update(outputs.squeeze(-1), targets.squeeze(-1)) if info.num_targets == 1 else m.update(outputs, targets)
+        else:
+            metrics["val/ppl"].update(outputs, targets)
+    return {"val/loss": float(mean.compute()), **{k: float(m.compute().mean()) for k, m in metrics.items()}}
+
+
+@pytest.mark.parametrize("task", ["classification", "binary", "absent_classes", "regression", "lm"])
+def test_evaluation_matches_torchmetrics(task):
+    from trainctl.arrays import DataInfo
+    from trainctl.evaluation import Evaluator
+    from trainctl.loss import AutoLossSpec, BCESpec, build_loss
+
+    torch.manual_seed(0)
+    n, spec = 203, AutoLossSpec()
+    if task in ("classification", "absent_classes", "binary"):
+        classes = 2 if task == "binary" else 7
+        info = DataInfo("classification", (5,), num_classes=classes)
+        outputs = torch.randn(n, 1 if task == "binary" else classes) * 2
+        targets = torch.randint(0, classes, (n,))
+        if task == "absent_classes":  # class 6 is neither a target nor predicted, class 5 only predicted
+            targets = targets.clamp(max=4)
+            outputs[:, 6] = -100.0
+        spec = BCESpec() if task == "binary" else spec
+    elif task == "regression":
+        info = DataInfo("regression", (5,), num_targets=3)
+        outputs, targets = torch.randn(n, 3), torch.randn(n, 3)
+    else:
+        info = DataInfo("lm", (9,), vocab_size=11)
+        outputs, targets = torch.randn(n, 9, 11), torch.randint(0, 11, (n, 9))
+    loss = build_loss(spec, info, 0.0)[1]
+    chunks = list(zip(outputs.split(50), targets.split(50)))
+
+    class Identity(torch.nn.Module):  # returns the prepared outputs of each batch
+        def __init__(self):
+            super().__init__()
+            self.outputs = iter(o for o, _ in chunks)
+
+        def forward(self, x):
+            return next(self.outputs)
+
+    class Batches:
+        def epoch(self, epoch):
+            return iter((torch.zeros(len(o)), t) for o, t in chunks)
+
+        def shortfall(self):
+            return 0
+    ours = Evaluator(info, loss, torch.device("cpu"))(Identity(), Batches(), lambda: torch.autocast("cpu", enabled=False))
+    reference = _torchmetrics_reference(info, chunks, loss)
+    assert ours.keys() == reference.keys()
+    for key in ours:
+        assert ours[key] == pytest.approx(reference[key], rel=1e-5), key

@@ -34,7 +34,7 @@ class Clock:
         self.started = time.perf_counter()
         self.before = 0.0
         """Training seconds of the sessions before this one (a resumed run)."""
-        self.eval_seconds = self.checkpoint_seconds = self.compile_seconds = 0.0
+        self.eval_seconds = self.checkpoint_seconds = self.compile_seconds = self.setup_seconds = 0.0
         self.first_step_seconds: Optional[float] = None
         """Seconds from process start to the end of this session's first optimizer step."""
 
@@ -44,6 +44,11 @@ class Clock:
     def step_done(self) -> None:
         if self.first_step_seconds is None:
             self.first_step_seconds = seconds_since_process_start()
+
+    def exclude_setup(self, seconds: float) -> None:
+        """Time spent setting something up during the run (TensorBoard's import): not training time."""
+        self.setup_seconds += seconds
+        self.meter.exclude(seconds)
 
     def take_compile(self) -> float:
         """Move the compile seconds since the last call out of training time."""
@@ -78,7 +83,7 @@ class Clock:
         """Training seconds over every session of the run."""
         self.take_compile()
         session = (time.perf_counter() - self.started - self.eval_seconds - self.checkpoint_seconds
-                   - self.compile_seconds)
+                   - self.compile_seconds - self.setup_seconds)
         return self.before + max(0.0, session)
 
 
@@ -100,6 +105,7 @@ def summary(run: "Run", state: "RunState", clock: Clock, final: Dict[str, float]
         "world_size": run.world_size,
         "wall_seconds": round(wall, 3), "train_seconds": round(train_total, 3),
         "eval_seconds": round(clock.eval_seconds, 3), "checkpoint_seconds": round(clock.checkpoint_seconds, 3),
+        "setup_seconds": round(clock.setup_seconds, 3),
         **_throughput(run, clock, max(train_total - clock.before, 1e-9), session_samples, session_steps),
         "skipped_steps": state.skipped_steps, "amp_skipped_steps": run.precision.overflow_skips,
         "training_state_mib": _training_state(run),

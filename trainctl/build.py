@@ -21,7 +21,8 @@ from trainctl.checkpoint import CheckpointStore
 from trainctl.checkpointing import Checkpoints, backend_for
 from trainctl.errors import ConfigError
 from trainctl.loss import SumLoss, build_loss, out_features
-from trainctl.metrics import Evaluator, TrainMeter
+from trainctl.evaluation import Evaluator
+from trainctl.metrics import TrainMeter
 from trainctl.model import apply_dropout, build_model, is_custom, model_name, with_dropout
 from trainctl.monitor import Monitor, Monitors
 from trainctl.optim import build_optimizer, has_train_eval_modes
@@ -181,7 +182,8 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
         scheduler=build_scheduler(spec.scheduler, optimizer, horizon),
         precision=precision,
         clipper=GradClipper(model.parameters(), spec.regularization),
-        evaluator=Evaluator(info, eval_loss, device, equal_calls=dist is not None and dist.sharded), horizon=horizon,
+        evaluator=Evaluator(info, eval_loss, device, equal_calls=dist is not None and dist.sharded, dist=dist),
+        horizon=horizon,
         grad_accum_steps=trainer.grad_accum_steps, eval_every_n_epochs=trainer.eval_every_n_epochs,
         eval_every_n_steps=trainer.eval_every_n_steps, log_every_n_steps=spec.logging.log_every_n_steps,
         meter=meter, monitors=monitors, monitor=monitor, optimizer_has_modes=has_train_eval_modes(spec.optimizer),

@@ -104,6 +104,8 @@ class SumLoss:
 def _logits_2d(outputs, targets):
     if targets.is_floating_point():  # class probabilities
         return outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1, targets.shape[-1]).to(outputs.dtype)
+    if outputs.dim() == 2:  # one row of logits per sample already
+        return outputs, targets
     return outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1)
 
 

@@ -1,5 +1,5 @@
-"""The `logging` config group and the metrics: validation with torchmetrics, the training-loss meter,
-and the metrics.jsonl/TensorBoard writer.
+"""The `logging` config group and the metrics: their names, the training-loss meter, and the
+metrics.jsonl/TensorBoard writer (evaluation itself is :mod:`trainctl.evaluation`).
 
 The meter keeps the running training loss on the device and reads it only every
 `logging.log_every_n_steps` optimizer steps, so the training loop never waits on the device.
@@ -13,16 +13,13 @@ import math
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterable, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 from trainctl.errors import check, check_choice
 
 if TYPE_CHECKING:
     import torch
 
-    from trainctl.batches import Batches
-    from trainctl.data import DataInfo
-    from trainctl.loss import SumLoss
 
 VAL_METRICS = {
     "classification": ("val/acc", "val/f1", "val/loss"),
@@ -52,83 +49,6 @@ class LoggingSpec:
 
 def default_monitor(task: str) -> Tuple[str, str]:
     return ("val/acc", "max") if task == "classification" else ("val/loss", "min")
-
-
-class Evaluator:
-    """Runs the model over the validation batches and returns the task's metrics as floats."""
-
-    def __init__(self, info: "DataInfo", loss: "SumLoss", device: "torch.device", equal_calls: bool = False) -> None:
-        self.info = info
-        self.equal_calls = equal_calls
-        """FSDP: every rank must call the model as often as the others (each call gathers parameters
-        with them), so a rank with a shorter validation share runs extra one-sample forwards."""
-        self.loss = loss
-        self.device = device
-        self.metrics: Any = None
-
-    def _build(self) -> None:
-        # torchmetrics takes ~1.5 s to import: pay it at the first evaluation, not before the first step.
-        import torch
-        import torchmetrics
-        from torchmetrics import classification, regression, text
-
-        info, device = self.info, self.device
-        self.loss_mean = torchmetrics.MeanMetric().to(device)
-        metrics: Dict[str, Any] = {}
-        if info.task == "classification":
-            metrics["val/acc"] = classification.MulticlassAccuracy(info.num_classes, average="micro")
-            metrics["val/f1"] = classification.MulticlassF1Score(info.num_classes, average="macro")
-        elif info.task == "regression":
-            metrics["val/mse"] = regression.MeanSquaredError(num_outputs=info.num_targets)
-            metrics["val/mae"] = regression.MeanAbsoluteError(num_outputs=info.num_targets)
-        else:
-            metrics["val/ppl"] = text.Perplexity()
-        self.metrics = torchmetrics.MetricCollection(metrics).to(device)
-        self.target_mean = self.target_std = None
-        if info.target_mean is not None:
-            self.target_mean = torch.tensor(info.target_mean, device=device)
-            self.target_std = torch.tensor(info.target_std, device=device)
-
-    def _update(self, outputs: "torch.Tensor", targets: "torch.Tensor") -> None:
-        if self.info.task == "classification":
-            preds = (outputs[:, 0] > 0).long() if outputs.shape[-1] == 1 else outputs.argmax(-1)
-            self.metrics.update(preds, targets)
-        elif self.info.task == "regression":
-            if self.target_mean is not None:  # report errors in the data's own units
-                outputs = outputs * self.target_std + self.target_mean
-                targets = targets * self.target_std + self.target_mean
-            if self.info.num_targets == 1:
-                outputs, targets = outputs.squeeze(-1), targets.squeeze(-1)
-            self.metrics.update(outputs, targets)
-        else:
-            self.metrics.update(outputs, targets)
-
-    def __call__(self, model: "torch.nn.Module", batches: "Batches",
-                 autocast: Callable[[], ContextManager]) -> Dict[str, float]:
-        import torch
-
-        if self.metrics is None:
-            self._build()
-        was_training = model.training
-        model.eval()
-        # FSDP keeps gathered parameters for the next forward; inference tensors could not be reused
-        with torch.no_grad() if self.equal_calls else torch.inference_mode():
-            for x, y in batches.epoch(0):
-                with autocast():
-                    outputs = model(x)
-                outputs = outputs.float()
-                n = self.loss.count(y)
-                self.loss_mean.update(self.loss(outputs, y) / n, n)
-                self._update(outputs, y)
-            for _ in range(batches.shortfall() if self.equal_calls else 0):
-                with autocast():
-                    model(batches.first()[0][:1])
-            results = {"val/loss": self.loss_mean.compute()}
-            results.update(self.metrics.compute())
-        self.loss_mean.reset()
-        self.metrics.reset()
-        model.train(was_training)
-        return {k: float(v.mean()) for k, v in results.items()}
 
 
 TIMING_KEYS = ("train/samples_per_second", "train/tokens_per_second", "train/step_seconds", "train/data_wait",
@@ -280,6 +200,8 @@ class MetricsWriter:
         self._tb: Any = None
         self.error: Optional[str] = None
         """Why writing stopped (None while it works)."""
+        self.setup_seconds = 0.0
+        """Seconds spent setting up TensorBoard at the first record (kept out of training time)."""
 
     def write(self, step: int, epoch: int, values: Dict[str, float]) -> None:
         if self.error is not None:
@@ -291,11 +213,13 @@ class MetricsWriter:
             self.file.flush()
             if self.tb_dir is not None:
                 target = self.tb_dir
-                if self._tb is None:  # importing tensorboard takes ~1 s: pay it at the first log, not at start
+                if self._tb is None:  # importing tensorboard takes ~1 s: at the first log, not before the first step
+                    tic = time.perf_counter()
                     from torch.utils.tensorboard import SummaryWriter
 
                     _quiet_tensorboard_threads()
                     self._tb = SummaryWriter(log_dir=str(self.tb_dir), purge_step=self.purge_step)
+                    self.setup_seconds += time.perf_counter() - tic
                 for key, value in values.items():
                     self._tb.add_scalar(key, value, step)
         except Exception as exc:  # OSError, or TensorBoard's writer thread re-raising one
@@ -303,6 +227,11 @@ class MetricsWriter:
 
             self.error = f"could not write {target}: {failure_text(exc, self.path.parent)}"
             self.close()
+
+    def take_setup_seconds(self) -> float:
+        """The setup seconds since the last call."""
+        seconds, self.setup_seconds = self.setup_seconds, 0.0
+        return seconds
 
     def close(self) -> None:
         for closer in (self.file.close, self._tb.close if self._tb is not None else None):
