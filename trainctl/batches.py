@@ -38,6 +38,10 @@ class TensorSource(Source):
     def take(self, idx: torch.Tensor) -> Batch:
         return self.x[idx], self.y[idx]
 
+    def slice(self, start: int, stop: int) -> Batch:
+        """Samples ``start`` to ``stop``: views of the tensors, nothing copied (validation batches)."""
+        return self.x[start:stop], self.y[start:stop]
+
 
 class WindowSource(Source):
     """Next-token sequences cut from one token stream: input ``t[s:s+L]``, target ``t[s+1:s+L+1]``."""
@@ -135,7 +139,12 @@ class Batches:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch``, skipping the first ``start`` by index (nothing is drawn for them)."""
         chunks = self.index_batches(epoch, start)
+        if self.num_workers == 0 and not self.shuffle and isinstance(self.source, TensorSource):
+            # in order: every batch is a contiguous range of the tensors, taken as a view
+            return (self.source.slice(int(idx[0]), int(idx[-1]) + 1) for idx in chunks)
         if self.num_workers == 0:
+            if self.device.type == "cpu":  # the index batches are on the CPU already
+                return (self.source.take(idx) for idx in chunks)
             return (self.source.take(idx.to(self.device)) for idx in chunks)
         # The loader draws its workers' base seed from its own generator, not from the global RNG: taking
         # it from there would shift the dropout masks of a run resumed in the middle of an epoch.

@@ -91,10 +91,11 @@ class Runner:
     def _train_epoch(self) -> None:
         run, state = self.run, self.state
         batches = self.meter.timed(run.data.train.epoch(state.epoch, start=state.batch_in_epoch))
+        per_epoch = len(run.data.train)
         for window in windows_of(batches, run.grad_accum_steps):
             self.train_step(window)
             state.batch_in_epoch += len(window)
-            self._after_step()
+            self._after_step(state.batch_in_epoch >= per_epoch)
             if state.should_stop or state.step >= run.horizon.total_steps or state.batch_in_epoch == 0:
                 break
 
@@ -207,9 +208,8 @@ class Runner:
 
     # --- the step boundary -----------------------------------------------------------------------------
 
-    def _after_step(self) -> None:
+    def _after_step(self, epoch_end: bool) -> None:
         run, state = self.run, self.state
-        epoch_end = state.batch_in_epoch >= len(run.data.train)
         if epoch_end:
             state.epoch += 1
             state.batch_in_epoch = 0
@@ -322,6 +322,7 @@ class Runner:
         writer = self.writer
         if writer is not None and writer.error is None:
             writer.write(self.state.step, self.state.epoch, values)
+            self.clock.exclude_setup(writer.take_setup_seconds())
             if writer.error is not None:
                 self._write_failed(writer.error)
         self.display.report(self.state.step, self.state.epoch, values)
