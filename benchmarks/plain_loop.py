@@ -52,6 +52,22 @@ def text_windows(path: str, seq_len: int, stride: int):
     return windows[:, :-1], windows[:, 1:]
 
 
+def adamw_warmup_cosine(model: torch.nn.Module, lr: float, steps: int):
+    """AdamW with weight decay 0.01 on matrices only, and a 5% linear warmup then cosine decay."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=lr)
+    warmup = int(0.05 * steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        t, period = step - warmup, max(1, steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(t, period) / period))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 class Workload:
     """Model, data, optimizer and schedule for ``steps`` optimizer steps."""
 
@@ -70,18 +86,7 @@ class Workload:
             self.model = GPT(256, 128, n_layer=4, n_head=4, d_model=128)
             self.batch_size, self.accum, self.lr = 16, 2, 3e-3
         self.steps = steps
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
-        warmup = int(0.05 * steps)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            t, period = step - warmup, max(1, steps - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(t, period) / period))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.optimizer, self.scheduler = adamw_warmup_cosine(self.model, self.lr, steps)
         self.generator = torch.Generator().manual_seed(seed)
 
     def batches(self):
