@@ -170,3 +170,20 @@ def test_synthetic_data_does_not_import_scikit_learn():
     code = ("import sys; from trainctl.data import SyntheticSpec, load; load(SyntheticSpec()); "
             "print(any(m.startswith('sklearn') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_digits_classes_keeps_those_digits_relabelled_in_the_order_given():
+    from trainctl.data import digits_arrays, load
+
+    spec = compose(["data.classes=[7,3]"]).data
+    arrays = load(spec)
+    _, labels = digits_arrays()
+    assert arrays.info.num_classes == 2 and arrays.info.class_names == ("7", "3")
+    assert arrays.info.n_train + arrays.info.n_val == int(((labels == 7) | (labels == 3)).sum())
+    pixels, labels = digits_arrays()
+    sevens = pixels[labels == 7].reshape(-1, 1, 8, 8) / 16.0
+    x = np.concatenate([arrays.x_train, arrays.x_val])
+    y = np.concatenate([arrays.y_train, arrays.y_val])
+    assert sorted(map(bytes, x[y == 0].astype(np.float32))) == sorted(map(bytes, sevens.astype(np.float32)))
+    with pytest.raises(ConfigError, match="data.classes"):
+        compose(["data.classes=[3,3]"])

@@ -18,7 +18,8 @@ class DataInfo:
     task: str
     """`classification`, `regression` or `lm`."""
     input_shape: Tuple[int, ...]
-    """Shape of one input sample: (C, H, W) for images, (F,) for vectors, (L,) for token sequences."""
+    """Shape of one input sample: (C, H, W) for images, (F,) for vectors, (L,) for token sequences, (2, L)
+    for token ids (row 0) with their attention mask (row 1)."""
     num_classes: int = 0
     num_targets: int = 0
     vocab_size: int = 0
@@ -34,7 +35,8 @@ class DataInfo:
 class Arrays:
     """A loaded dataset: numpy arrays for both splits plus its :class:`DataInfo`.
 
-    For `lm` data, ``x_*`` hold the token stream (uint8) and ``starts_*`` the sequence offsets.
+    For `lm` data, ``x_*`` hold the token stream (uint8 bytes, or int32 token ids) and ``starts_*`` the
+    sequence offsets.
     """
 
     info: DataInfo

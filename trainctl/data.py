@@ -1,6 +1,7 @@
-"""The `data` config group: built-in datasets (digits, synthetic, csv, text), their specs and loading.
+"""The `data` config group: built-in datasets (digits, synthetic, csv, text, and hf_text / hf_classification
+tokenised with a Hugging Face tokenizer), their specs and loading.
 
-Everything here is numpy-only so the CLI can validate a spec without importing torch;
+Everything here is numpy-only so the CLI can validate a spec without importing torch (or transformers);
 :mod:`trainctl.batches` turns the loaded arrays into tensors and batches.
 """
 
@@ -14,7 +15,7 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 from omegaconf import MISSING
 
-from trainctl import csvfile
+from trainctl import csvfile, tokenized
 from trainctl.arrays import Arrays, DataInfo, split_indices, tabular
 from trainctl.errors import check, check_choice
 from trainctl.registry import Registry
@@ -62,6 +63,17 @@ class DigitsSpec(DataSpec):
     """scikit-learn's bundled 8x8 handwritten digits: 1,797 images, 10 classes, no download."""
 
     name: str = "digits"
+    classes: Optional[List[int]] = None
+    """Keep only these digits, relabelled 0..k-1 in the order given (e.g. [5,6,7,8,9] for a transfer
+    experiment); null keeps all ten."""
+
+    def validate(self, key: str = "data") -> None:
+        super().validate(key)
+        if self.classes is not None:
+            check(len(self.classes) >= 2 and len(set(self.classes)) == len(self.classes)
+                  and all(0 <= c <= 9 for c in self.classes), f"{key}.classes",
+                  f"must list at least two different digits 0..9 (got {list(self.classes)})",
+                  f"set {key}.classes=[0,1,2,3,4] or null")
 
 
 @dataclass
@@ -165,13 +177,88 @@ class TextSpec(DataSpec):
         self.path = _absolute(self.path, base_dir)
 
 
+@dataclass
+class HfTextSpec(DataSpec):
+    """Text for a causal language model, tokenised with a Hugging Face tokenizer from a local directory:
+    each document, followed by the tokenizer's EOS token, is appended to one token stream, which is cut
+    into non-overlapping blocks of `seq_len + 1` tokens (input: the first `seq_len`, target: the last
+    `seq_len`); the blocks are split into train and validation by `data.seed`."""
+
+    name: str = "hf_text"
+    path: str = MISSING
+    """A .jsonl (or .ndjson) file, one JSON object per line, the text in `data.field`; any other file is
+    plain UTF-8 text, tokenised as one document. Relative paths are taken from the directory the command
+    runs in."""
+    field: str = "text"
+    """The field of each JSONL record that holds its text (ignored for plain text)."""
+    tokenizer: str = MISSING
+    """A local directory with the tokenizer's files (tokenizer.json or tokenizer_config.json), normally
+    the model's own: data.tokenizer=${model.path}. Nothing is downloaded."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    val_fraction: float = 0.1
+
+    def validate(self, key: str = "data") -> None:
+        super().validate(key)
+        tokenized.check_file(self.path, f"{key}.path", "a .txt or .jsonl file")
+        tokenized.check_tokenizer_dir(self.tokenizer, f"{key}.tokenizer")
+        check(bool(self.field), f"{key}.field", "must name a field", f"set {key}.field=text")
+        check(self.seq_len >= 2, f"{key}.seq_len", f"must be >= 2 (got {self.seq_len})", f"set {key}.seq_len=128")
+
+    def resolve_paths(self, base_dir: str) -> None:
+        self.path = _absolute(self.path, base_dir)
+        self.tokenizer = _absolute(self.tokenizer, base_dir)
+
+
+@dataclass
+class HfClassificationSpec(DataSpec):
+    """Texts with class labels from a CSV/TSV or JSONL file, tokenised with a Hugging Face tokenizer from
+    a local directory: truncated to `max_length` tokens and padded to the longest one. A sample is a
+    (2, L) array of token ids (row 0) and attention mask (row 1: 1 real, 0 padding)."""
+
+    name: str = "hf_classification"
+    path: str = MISSING
+    """A .jsonl (or .ndjson) file, one JSON object per line; otherwise a CSV file with a header row (tab
+    separated for .tsv/.tab). Relative paths are taken from the directory the command runs in."""
+    text: str = "text"
+    """The column (or JSONL field) holding the text."""
+    label: str = "label"
+    """The column (or JSONL field) holding the class: integers become classes in numeric order, anything
+    else in sorted text order; `class_names` records the original values."""
+    tokenizer: str = MISSING
+    """A local directory with the tokenizer's files (tokenizer.json or tokenizer_config.json), normally
+    the model's own: data.tokenizer=${model.path}. Nothing is downloaded."""
+    max_length: int = 128
+    """Longest sequence in tokens: longer texts are truncated."""
+
+    def validate(self, key: str = "data") -> None:
+        super().validate(key)
+        tokenized.check_file(self.path, f"{key}.path", "a CSV, TSV or .jsonl file")
+        tokenized.check_tokenizer_dir(self.tokenizer, f"{key}.tokenizer")
+        check(bool(self.text), f"{key}.text", "must name a column", f"set {key}.text=text")
+        check(bool(self.label), f"{key}.label", "must name a column", f"set {key}.label=label")
+        check(self.text != self.label, f"{key}.label", f"'{self.label}' is also data.text",
+              f"set {key}.label=COLUMN (the class of each text)")
+        check(self.max_length >= 2, f"{key}.max_length", f"must be >= 2 (got {self.max_length})",
+              f"set {key}.max_length=128")
+
+    def resolve_paths(self, base_dir: str) -> None:
+        self.path = _absolute(self.path, base_dir)
+        self.tokenizer = _absolute(self.tokenizer, base_dir)
+
+
 @dataclass(frozen=True)
 class DataEntry:
     spec: type
     probe: Any
     """spec -> (task, input rank): cheap facts for cross-group checks, without loading."""
     load: Any
-    """spec -> Arrays."""
+    """spec -> Arrays; with `cached`, (spec, cache_dir) -> Arrays."""
+    cached: bool = False
+    """The loader takes a cache directory (None: no cache) where it keeps its slow work, e.g. tokenising,
+    so that a resumed run does not do it again."""
+    token_ids: bool = False
+    """The inputs are integer token ids (for models with an embedding), not float features."""
 
 
 DATASETS: Registry[DataEntry] = Registry("data")
@@ -182,8 +269,16 @@ def probe(spec: DataSpec) -> Tuple[str, int]:
     return DATASETS.get(spec.name).probe(spec)
 
 
-def load(spec: DataSpec) -> Arrays:
-    return DATASETS.get(spec.name).load(spec)
+def token_ids(spec: DataSpec) -> bool:
+    """Whether the dataset's inputs are integer token ids, which only models with an embedding can take."""
+    return DATASETS.get(spec.name).token_ids
+
+
+def load(spec: DataSpec, cache_dir: Optional[Path] = None) -> Arrays:
+    """The dataset's arrays. ``cache_dir`` (normally `RUN_DIR/cache`) keeps what is slow to compute, for
+    the datasets that have such work (tokenising); others ignore it."""
+    entry = DATASETS.get(spec.name)
+    return entry.load(spec, cache_dir) if entry.cached else entry.load(spec)
 
 
 # --- loaders --------------------------------------------------------------------------------------
@@ -214,9 +309,15 @@ def _load_digits(spec: DigitsSpec) -> Arrays:
     pixels, labels = digits_arrays()
     x = (pixels / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
     y = labels.astype(np.int64)
+    classes = list(spec.classes) if spec.classes is not None else list(range(10))
+    if spec.classes is not None:
+        keep = np.isin(y, classes)
+        relabel = np.zeros(10, dtype=np.int64)
+        relabel[classes] = np.arange(len(classes))
+        x, y = x[keep], relabel[y[keep]]
     tr, va = split_indices(len(y), spec.val_fraction, spec.seed, y)
-    info = DataInfo("classification", (1, 8, 8), num_classes=10, n_train=len(tr), n_val=len(va),
-                    class_names=tuple(str(c) for c in range(10)))
+    info = DataInfo("classification", (1, 8, 8), num_classes=len(classes), n_train=len(tr), n_val=len(va),
+                    class_names=tuple(str(c) for c in classes))
     return Arrays(info, x[tr], y[tr], x[va], y[va])
 
 
@@ -247,4 +348,7 @@ def _load_text(spec: TextSpec) -> Arrays:
 DATASETS.add("digits", DataEntry(DigitsSpec, lambda s: ("classification", 3), _load_digits))
 DATASETS.add("synthetic", DataEntry(SyntheticSpec, lambda s: (s.task, 1), _load_synthetic))
 DATASETS.add("csv", DataEntry(CsvSpec, csvfile.probe, csvfile.load))
-DATASETS.add("text", DataEntry(TextSpec, lambda s: ("lm", 1), _load_text))
+DATASETS.add("text", DataEntry(TextSpec, lambda s: ("lm", 1), _load_text, token_ids=True))
+DATASETS.add("hf_text", DataEntry(HfTextSpec, lambda s: ("lm", 1), tokenized.load_text, cached=True, token_ids=True))
+DATASETS.add("hf_classification", DataEntry(HfClassificationSpec, lambda s: ("classification", 2),
+                                            tokenized.load_classification, cached=True, token_ids=True))
