@@ -35,7 +35,14 @@ def test_every_registered_option_has_a_yaml_and_back(group):
 
 def _needs(group: str, option: str, tmp: Path, text: Path, csv: Path) -> list[str]:
     """Overrides that make an option composable on its own (required fields, a compatible model/data)."""
+    hf = tmp / "hf"  # validation looks for a model's config.json and a tokenizer file, nothing more
+    hf.mkdir(exist_ok=True)
+    (hf / "config.json").write_text("{}")
+    (hf / "tokenizer_config.json").write_text("{}")
     extra = {
+        ("model", "hf"): ["data=hf_text", f"data.path={text}", f"data.tokenizer={hf}", f"model.path={hf}"],
+        ("data", "hf_text"): [f"data.path={text}", f"data.tokenizer={hf}", "model=gpt"],
+        ("data", "hf_classification"): [f"data.path={csv}", f"data.tokenizer={hf}", "model=hf", f"model.path={hf}"],
         ("data", "csv"): [f"data.path={csv}", "data.target=label"],
         ("data", "text"): [f"data.path={text}", "model=gpt"],
         ("model", "gpt"): ["data=text", f"data.path={text}"],
@@ -49,7 +56,8 @@ def _needs(group: str, option: str, tmp: Path, text: Path, csv: Path) -> list[st
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in
                                           ["model", "data", "optimizer", "scheduler", "regularization",
-                                           "precision", "performance", "parallelism", "loss", "trainer", "logging"]
+                                           "precision", "performance", "parallelism", "loss", "trainer", "logging",
+                                           "peft"]
                                           for o in _options(g)])
 def test_every_option_composes_and_validates(group, option, tmp_path, text_file, csv_classification):
     spec = compose([f"{group}={option}", *_needs(group, option, tmp_path, text_file, csv_classification)])

@@ -14,6 +14,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from trainctl import adapters
 from trainctl import data as data_mod
 from trainctl.batches import DataBundle, build_batches
 from trainctl.callbacks import CALLBACKS, EARLY_STOPPING, BuildContext, Callback
@@ -23,9 +24,9 @@ from trainctl.errors import ConfigError
 from trainctl.loss import SumLoss, build_loss, out_features
 from trainctl.evaluation import Evaluator
 from trainctl.metrics import TrainMeter
-from trainctl.model import apply_dropout, build_model, is_custom, model_name, with_dropout
+from trainctl.model import apply_dropout, build_model, init_settings, is_custom, model_name, with_dropout
 from trainctl.monitor import Monitor, Monitors
-from trainctl.optim import build_optimizer, has_train_eval_modes
+from trainctl.optim import build_optimizer, has_train_eval_modes, optimizer_groups
 from trainctl.parallel import Distributed
 from trainctl.performance import (
     CompileClock,
@@ -37,7 +38,7 @@ from trainctl.performance import (
     peak_tflops,
 )
 from trainctl.precision import Precision, build_precision
-from trainctl.regularization import GradClipper, param_groups
+from trainctl.regularization import GradClipper, named_param_groups, param_groups
 from trainctl.schedule import Horizon, Schedule, build_scheduler
 from trainctl.spec import RunSpec, spec_yaml, total_optimizer_steps
 from trainctl.steps import StepWrapper, build_step_wrappers
@@ -93,6 +94,8 @@ class Run:
     FSDP shards ``model`` in place, and both are the same module)."""
     sharded_units: int = 0
     """FSDP: modules that gather their parameters separately (besides the root)."""
+    unfreezer: Optional[adapters.Unfreezer] = None
+    """`peft=freeze` with `peft.unfreeze_at`: modules that start training at later epochs."""
 
     def __post_init__(self) -> None:
         if self.train_model is None:
@@ -139,7 +142,8 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
         device = dist.device if device.type == "cuda" else device
     perf = spec.performance
     rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
-    bundle = build_batches(spec.data, data_mod.load(spec.data), device, perf.channels_last, rank, world)
+    arrays = data_mod.load(spec.data, cache_dir=run_dir / "cache" if run_dir is not None else None)
+    bundle = build_batches(spec.data, arrays, device, perf.channels_last, rank, world)
     info = bundle.info
     _check_batches(spec, bundle, world)
     precision = build_precision(spec.precision, device)
@@ -152,7 +156,7 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
     peak = peak_tflops(device, perf)
     # Model FLOPs are counted before activation checkpointing adds its recomputation.
     flops = flops_per_sample(model, train_loss, bundle.train.first()) if peak else None
-    builtin = not is_custom(spec.model)
+    builtin = not is_custom(spec.model) and spec.model.name != "hf"
     wrapped = apply_activation_checkpointing(model, perf, builtin)
     units = 0
     if dist is not None and dist.sharded:  # in place, before compiling and before the optimizer sees parameters
@@ -165,7 +169,10 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
         compile_model(model, perf)
     train_model = dist.wrap(model) if dist is not None else model
     # Parameter names (weight decay, lr_multipliers) are taken without the wrappers' parts.
-    optimizer = build_optimizer(spec.optimizer, param_groups(model, spec.regularization))
+    from trainctl.performance import clean_name
+
+    all_names = [clean_name(n) for n, _ in model.named_parameters()] if spec.peft.partial else None
+    optimizer = build_optimizer(spec.optimizer, param_groups(model, spec.regularization), all_names)
     trainer, task = spec.trainer, info.task
     monitors = Monitors()
     monitor = monitors.get(spec.monitor(task), spec.monitor_mode(task))
@@ -191,7 +198,18 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
         callbacks=_callbacks(spec, task, monitors), transforms=_transforms(spec, info),
         step_wrappers=build_step_wrappers(spec, precision.scales_loss), checkpoints=checkpoints, run_dir=run_dir,
         checkpointed_modules=wrapped, compile_clock=clock, flops_per_sample=flops, peak_tflops=peak, dist=dist,
-        train_model=train_model, sharded_units=units)
+        train_model=train_model, sharded_units=units, unfreezer=_unfreezer(spec))
+
+
+def _unfreezer(spec: RunSpec) -> Optional[adapters.Unfreezer]:
+    if not isinstance(spec.peft, adapters.FreezeSpec) or not spec.peft.unfreeze_at:
+        return None
+    from trainctl.performance import clean_name
+
+    def groups(named: list) -> List[dict]:
+        named = [(clean_name(n), p) for n, p in named]
+        return optimizer_groups(spec.optimizer, named_param_groups(named, spec.regularization), strict=False)
+    return adapters.Unfreezer(list(spec.peft.unfreeze_at), groups)
 
 
 def _callbacks(spec: RunSpec, task: str, monitors: Monitors) -> List[Callback]:
@@ -229,11 +247,17 @@ def _build_model(spec: RunSpec, info: data_mod.DataInfo, device: torch.device, p
                         out_features(spec.loss, info), base_dir, spec.allowed_target_prefixes)
     if is_custom(spec.model):
         apply_dropout(model, spec.regularization.dropout)
+    init_from, strict = init_settings(spec.model)
+    if init_from is not None:
+        from trainctl.pretrained import load_initial
+
+        load_initial(model, init_from, strict)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("model", f"{model_name(spec.model)} has no trainable parameters",
                           "check the model's _target_ and its arguments")
     model.to(device)
     model = precision.convert_model(model)
+    model = adapters.apply(model, spec.peft, spec.model, precision.dtype or torch.float32)
     if spec.performance.channels_last:
         apply_channels_last(model)
     return model

@@ -19,6 +19,7 @@ COMMANDS = {
     "run": "trainctl.commands.run",
     "resume": "trainctl.commands.resume",
     "eval": "trainctl.commands.eval",
+    "export": "trainctl.commands.export",
     "show": "trainctl.commands.show",
     "recipes": "trainctl.commands.recipes",
     "report": "trainctl.commands.report",
@@ -36,6 +37,9 @@ commands:
   eval PATH [KEY=VALUE...] [--json] [-o FILE]
                          evaluate a run's final weights (PATH = run directory) or a checkpoint's
                          (PATH = RUN_DIR/checkpoints/best, .../last, .../step-N) on the validation split
+  export PATH [-o DIR] [--merge]
+                         a run's weights for other tools: the adapter in the PEFT layout, with --merge
+                         the adapters merged into the base (model.safetensors / save_pretrained)
   show [OVERRIDES...]    print the resolved run spec and the plan (parameters, batch, steps) without training
   recipes                list the curated experiments (`trainctl run +recipe=NAME`)
   report PATH... [--format table|json] [-o DIR] [--metric M] [--no-plots]

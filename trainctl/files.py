@@ -20,7 +20,7 @@ import shutil
 import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 if TYPE_CHECKING:
     import torch
@@ -85,12 +85,35 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def save_weights(model: "nn.Module", path: Path, metadata: Dict[str, str]) -> None:
-    """The model's weights as safetensors (tied weights are stored once)."""
-    from safetensors.torch import save_model
+PARTIAL_METADATA = "trainctl_trainable_only"
+"""safetensors metadata key: "1" when the file holds only a fine-tuning run's trainable tensors."""
 
+
+def saved_keys(model: "nn.Module") -> Optional[List[str]]:
+    """The state-dict keys a checkpoint of ``model`` holds: None for all of them, or, for a model with
+    frozen weights (the `peft` group), its trainable parameters and its buffers (batch-norm statistics
+    move even when the weights are frozen)."""
+    if not getattr(model, "_trainctl_trainable_only", False):
+        return None
+    state = model.state_dict(keep_vars=True)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    buffers = {id(b) for b in model.buffers()}
+    return [k for k, v in state.items() if id(v) in trainable or id(v) in buffers]
+
+
+def save_weights(model: "nn.Module", path: Path, metadata: Dict[str, str]) -> None:
+    """The model's weights as safetensors (tied weights are stored once); for a model with frozen
+    weights, only what :func:`saved_keys` names."""
+    from safetensors.torch import save_file, save_model
+
+    keys = saved_keys(model)
     with _atomic(path) as tmp:
-        save_model(model, str(tmp), metadata=metadata)
+        if keys is None:
+            save_model(model, str(tmp), metadata=metadata)
+        else:
+            state = model.state_dict()
+            save_file({k: state[k].detach().contiguous() for k in keys}, str(tmp),
+                      metadata={**metadata, PARTIAL_METADATA: "1"})
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files private (0600)
 
 
@@ -164,13 +187,30 @@ def load_weights(model: "nn.Module", path: Path) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
+    keys = saved_keys(model)
     try:
-        load_model(model, str(path), strict=True, device=str(next(model.parameters()).device))
+        if keys is None:
+            load_model(model, str(path), strict=True, device=str(next(model.parameters()).device))
+        else:
+            _load_partial(model, path, keys)
     except SafetensorError as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
         raise CheckpointError(f"the weights in {path} do not fit this model: {detail[:600]}") from None
+
+
+def _load_partial(model: "nn.Module", path: Path, keys: List[str]) -> None:
+    """The trainable tensors of a model with frozen weights: exactly :func:`saved_keys`, each of its shape."""
+    from safetensors.torch import load_file
+
+    loaded = load_file(str(path), device=str(next(model.parameters()).device))
+    state = model.state_dict()
+    missing, unexpected = sorted(set(keys) - set(loaded)), sorted(set(loaded) - set(keys))
+    wrong = [k for k in keys if k in loaded and loaded[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise RuntimeError(f"missing: {missing[:8]}, unexpected: {unexpected[:8]}, wrong shape: {wrong[:8]}")
+    model.load_state_dict(loaded, strict=False)
 
 
 def sha256_of(path: Path) -> str:

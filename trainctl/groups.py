@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from trainctl.adapters import PEFTS, PeftSpec
 from trainctl.callbacks import CALLBACKS, EarlyStoppingSpec
 from trainctl.checkpoint import CheckpointSpec
 from trainctl.data import DATASETS, DataSpec
@@ -71,8 +72,11 @@ class Group:
 
 
 GROUPS: Dict[str, Group] = {group.name: group for group in (
-    Group("model", "the network: built-in, or your own nn.Module (model=custom model._target_=...)", None, MODELS,
+    Group("model", "the network: built-in, a Hugging Face model from disk (model=hf), or your own nn.Module "
+          "(model=custom model._target_=...); model.init_from starts it from saved weights", None, MODELS,
           fixed_on_resume=("*",)),
+    Group("peft", "what trains: everything (none), chosen modules (freeze), or adapters (lora, dora, qlora)",
+          PeftSpec, PEFTS, fixed_on_resume=("*",)),
     Group("data", "the dataset, its split and batches", DataSpec, DATASETS, fixed_on_resume=("*",),
           free_on_resume=("num_workers", "eval_batch_size")),
     Group("optimizer", "torch.optim and pytorch-optimizer optimizers", OptimizerSpec, OPTIMIZERS,

@@ -107,8 +107,14 @@ def _saved_weights(path: Path) -> Tuple[Path, Optional[Checkpoint], Optional[Pat
                       "pass outputs/DATE/TIME or outputs/DATE/TIME/checkpoints/best")
 
 
-def evaluate_saved(path: Path, overrides: Sequence[str], base_dir: str) -> Dict[str, Any]:
-    """Evaluate a run's final weights (or a checkpoint's) on the validation split of its data."""
+def load_saved_run(path: Path, overrides: Sequence[str], base_dir: str
+                   ) -> Tuple[Run, Path, Optional[Checkpoint], Optional[Path]]:
+    """(run built from the saved spec with the saved weights loaded, the weights' path, the checkpoint or
+    None, the run directory or None) for a run directory, a checkpoint directory or an export."""
+    from trainctl.export import is_export, load_exported
+
+    if is_export(path):
+        return load_exported(path, list(overrides), base_dir), path, None, None
     try:
         spec_file, ckpt, run_dir = _saved_weights(path)
     except CheckpointError as exc:
@@ -134,6 +140,13 @@ def evaluate_saved(path: Path, overrides: Sequence[str], base_dir: str) -> Dict[
         except Exception as exc:  # an optimizer state that does not fit this model
             raise ConfigError(None, f"{ckpt.path} does not fit its model: {type(exc).__name__}: {exc}") from None
         run.optimizer.eval()
+    return run, weights, ckpt, run_dir
+
+
+def evaluate_saved(path: Path, overrides: Sequence[str], base_dir: str) -> Dict[str, Any]:
+    """Evaluate a run's final weights, a checkpoint's or an export's on the validation split of its data."""
+    run, weights, ckpt, run_dir = load_saved_run(path, overrides, base_dir)
+    spec = run.spec
     metrics = run.evaluator(run.model, run.data.val, run.precision.autocast)
     return {"weights": str(weights.resolve()), "step": ckpt.step if ckpt else None,
             "data": spec.data.name, "val_samples": run.data.info.n_val, "metrics": metrics,

@@ -1,4 +1,6 @@
-"""The `model` config group: built-in networks (mlp, cnn, gpt) and user models through `_target_`.
+"""The `model` config group: built-in networks (mlp, cnn, gpt), Hugging Face models from a local
+directory (hf) and user models through `_target_`. Every model can start from saved weights
+(`model.init_from`, see :mod:`trainctl.pretrained`).
 
 Specs and checks are torch-free; :func:`build_model` imports the network it builds. A custom model is
 built by :mod:`trainctl.targets`: every `_target_` in it must resolve to an ``nn.Module`` class defined
@@ -9,9 +11,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
 from trainctl import targets
 from trainctl.errors import ConfigError, check, check_choice
@@ -25,10 +28,40 @@ if TYPE_CHECKING:
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "leaky_relu")
 AUTO_ARGS = ("input_shape", "in_features", "out_features", "num_classes", "vocab_size", "seq_len")
 """Constructor arguments of a custom model that trainctl fills from the data when the config omits them."""
+INIT_KEYS = ("init_from", "init_strict")
+"""Keys of a custom model node that trainctl reads itself (not constructor arguments)."""
 
 
 @dataclass
-class MLPSpec:
+class ModelSpec:
+    """Fields every model shares."""
+
+    name: str = MISSING
+    init_from: Optional[str] = None
+    """Weights to start from: a `.safetensors` file, a trainctl run directory (its final weights) or a
+    checkpoint directory (e.g. RUN_DIR/checkpoints/best); null starts from the model's own initialisation."""
+    init_strict: bool = True
+    """Every tensor of `init_from` must fit the model exactly; false loads what fits (same name and shape)
+    and reports the rest (e.g. a new classification head)."""
+
+    def validate_init(self, key: str) -> None:
+        if self.init_from is not None:
+            check(self.init_from.strip() != "", f"{key}.init_from", "is empty", f"set {key}.init_from=null")
+
+    def resolve_paths(self, base_dir: str) -> None:
+        if self.init_from is not None:
+            self.init_from = absolute_path(self.init_from, base_dir)
+
+
+def absolute_path(path: str, base_dir: str) -> str:
+    import os
+
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
+
+
+@dataclass
+class MLPSpec(ModelSpec):
     """Multi-layer perceptron over flattened inputs (tabular data, small images)."""
 
     name: str = "mlp"
@@ -44,6 +77,7 @@ class MLPSpec:
     """Normalisation after each hidden linear layer: none, batch or layer."""
 
     def validate(self, key: str = "model") -> None:
+        self.validate_init(key)
         check(self.depth >= 0, f"{key}.depth", "must be >= 0", f"set {key}.depth=2")
         check(self.width >= 1, f"{key}.width", "must be >= 1", f"set {key}.width=256")
         check_choice(self.activation, ACTIVATIONS, f"{key}.activation")
@@ -52,7 +86,7 @@ class MLPSpec:
 
 
 @dataclass
-class CNNSpec:
+class CNNSpec(ModelSpec):
     """Small convolutional network with batch norm for (C, H, W) images."""
 
     name: str = "cnn"
@@ -68,6 +102,7 @@ class CNNSpec:
     """batch or none."""
 
     def validate(self, key: str = "model") -> None:
+        self.validate_init(key)
         check(len(self.channels) >= 1 and min(self.channels) >= 1, f"{key}.channels",
               "needs at least one stage with >= 1 channel", f"set {key}.channels=[32,64]")
         check(self.kernel_size >= 1 and self.kernel_size % 2 == 1, f"{key}.kernel_size",
@@ -78,7 +113,7 @@ class CNNSpec:
 
 
 @dataclass
-class GPTSpec:
+class GPTSpec(ModelSpec):
     """Decoder-only transformer for next-token prediction on token data (`data=text`)."""
 
     name: str = "gpt"
@@ -98,12 +133,53 @@ class GPTSpec:
     """Longest sequence the position embedding covers; null uses `data.seq_len`."""
 
     def validate(self, key: str = "model") -> None:
+        self.validate_init(key)
         check(self.n_layer >= 1, f"{key}.n_layer", "must be >= 1", f"set {key}.n_layer=4")
         check(self.n_head >= 1 and self.d_model % self.n_head == 0, f"{key}.n_head",
               f"must divide model.d_model={self.d_model}", f"set {key}.n_head=4 and {key}.d_model=128")
         _check_dropout(self.dropout, f"{key}.dropout")
         check(self.max_seq_len is None or self.max_seq_len >= 1, f"{key}.max_seq_len", "must be >= 1 or null",
               f"set {key}.max_seq_len=null")
+
+
+HF_TASKS = ("auto", "causal_lm", "sequence_classification")
+
+
+@dataclass
+class HFSpec(ModelSpec):
+    """A Hugging Face `transformers` model from a local directory (`save_pretrained` layout); never
+    downloaded. Needs `pip install 'trainctl[hf]'`."""
+
+    name: str = "hf"
+    path: str = MISSING
+    """The model's directory (config.json and weights); relative paths are taken from the directory the
+    command runs in."""
+    task: str = "auto"
+    """causal_lm (next-token prediction), sequence_classification (a label per text; the number of
+    labels comes from the data), or auto: from the data's task."""
+    dropout: Optional[float] = None
+    """Dropout of the model's own dropout layers; null keeps the values in its config
+    (`regularization.dropout` overrides it)."""
+
+    def validate(self, key: str = "model") -> None:
+        self.validate_init(key)
+        check_choice(self.task, HF_TASKS, f"{key}.task")
+        path = Path(self.path)
+        check(path.is_dir(), f"{key}.path", f"{self.path} is not a directory",
+              f"set {key}.path to a directory written by save_pretrained (config.json and weights)")
+        check((path / "config.json").is_file(), f"{key}.path", f"{self.path} has no config.json",
+              f"set {key}.path to a directory written by save_pretrained")
+        check(self.dropout is None or 0 <= self.dropout < 1, f"{key}.dropout", "must be in [0, 1) or null",
+              f"set {key}.dropout=null")
+
+    def resolve_paths(self, base_dir: str) -> None:
+        super().resolve_paths(base_dir)
+        self.path = absolute_path(self.path, base_dir)
+
+    def hf_task(self, data_task: str) -> str:
+        if self.task != "auto":
+            return self.task
+        return "causal_lm" if data_task == "lm" else "sequence_classification"
 
 
 def _check_dropout(p: float, key: str) -> None:
@@ -118,6 +194,8 @@ class ModelEntry:
     input_rank: Optional[int]
     """Rank of one input sample it needs (3 for images), or None for any."""
     build: Callable[[Any, "DataInfo", int], "nn.Module"]
+    tokens: bool = False
+    """Whether it reads token ids (text data) rather than numeric features."""
 
 
 def _build_mlp(spec: MLPSpec, info: "DataInfo", out_features: int) -> "nn.Module":
@@ -144,10 +222,19 @@ def _build_gpt(spec: GPTSpec, info: "DataInfo", out_features: int) -> "nn.Module
                spec.tie_weights)
 
 
+def _build_hf(spec: HFSpec, info: "DataInfo", out_features: int) -> "nn.Module":
+    from trainctl.hf import build_hf_model
+
+    model = build_hf_model(spec, info, out_features)
+    apply_dropout(model, spec.dropout)  # null keeps the model's own
+    return model
+
+
 MODELS: Registry[ModelEntry] = Registry("model")
 MODELS.add("mlp", ModelEntry(MLPSpec, ("classification", "regression"), None, _build_mlp))
 MODELS.add("cnn", ModelEntry(CNNSpec, ("classification", "regression"), 3, _build_cnn))
-MODELS.add("gpt", ModelEntry(GPTSpec, ("lm",), None, _build_gpt))
+MODELS.add("gpt", ModelEntry(GPTSpec, ("lm",), None, _build_gpt, tokens=True))
+MODELS.add("hf", ModelEntry(HFSpec, ("lm", "classification"), None, _build_hf, tokens=True))
 
 
 def is_custom(spec: Any) -> bool:
@@ -164,16 +251,36 @@ def validate_model(spec: Any, allowed_prefixes: Sequence[str], key: str = "model
         return
     check(isinstance(spec.get("_target_"), str) and spec.get("_target_") not in ("", "???"), f"{key}._target_",
           "a custom model needs the import path of its class", f"set {key}._target_=my_package.MyNet")
-    targets.check_paths(spec, key, targets.normalize_prefixes(allowed_prefixes))
+    init_from, strict = spec.get("init_from"), spec.get("init_strict", True)
+    check(init_from is None or (isinstance(init_from, str) and init_from.strip() != ""), f"{key}.init_from",
+          "must be a path or null", f"set {key}.init_from=null")
+    check(isinstance(strict, bool), f"{key}.init_strict", "must be true or false", f"set {key}.init_strict=true")
+    targets.check_paths(constructor_args(spec), key, targets.normalize_prefixes(allowed_prefixes))
 
 
-def task_compatible(spec: Any, task: str, input_rank: int) -> Optional[str]:
-    """Why ``spec`` cannot train on data of ``task``/``input_rank``, or None when it can."""
+def constructor_args(spec: Mapping) -> dict:
+    """A custom model node without the keys trainctl reads itself (`init_from`, `init_strict`)."""
+    return {k: v for k, v in spec.items() if k not in INIT_KEYS}
+
+
+def init_settings(spec: Any) -> Tuple[Optional[str], bool]:
+    """(`model.init_from`, `model.init_strict`) of any model spec."""
+    if is_custom(spec):
+        return spec.get("init_from"), bool(spec.get("init_strict", True))
+    return spec.init_from, spec.init_strict
+
+
+def task_compatible(spec: Any, task: str, input_rank: int, tokens: bool = False) -> Optional[str]:
+    """Why ``spec`` cannot train on data of ``task``/``input_rank`` (token ids when ``tokens``), or None
+    when it can."""
     if is_custom(spec):
         return None
     entry = MODELS.get(spec.name)
     if task not in entry.tasks:
         return f"model={spec.name} trains on {' or '.join(entry.tasks)} data, not {task}"
+    if tokens != entry.tokens:
+        return (f"model={spec.name} reads numeric features, not token ids" if tokens
+                else f"model={spec.name} reads token ids, not numeric features")
     if entry.input_rank is not None and input_rank != entry.input_rank:
         return f"model={spec.name} needs image inputs (C, H, W)"
     return None
@@ -198,7 +305,8 @@ def _build_custom(spec: Mapping, info: "DataInfo", out_features: int, base_dir: 
     facts = {"input_shape": tuple(info.input_shape), "in_features": math.prod(info.input_shape),
              "out_features": out_features, "num_classes": out_features, "vocab_size": info.vocab_size,
              "seq_len": info.input_shape[0]}
-    return targets.build(spec, "model", targets.normalize_prefixes(allowed_prefixes), nn.Module, base_dir, facts)
+    return targets.build(constructor_args(spec), "model", targets.normalize_prefixes(allowed_prefixes), nn.Module,
+                         base_dir, facts)
 
 
 def apply_dropout(model: "nn.Module", p: Optional[float]) -> int:

@@ -257,8 +257,9 @@ def _import(target: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def split_by_lr_multiplier(groups: List[dict], multipliers: Dict[str, float]) -> List[dict]:
-    """Split each group by the first `optimizer.lr_multipliers` pattern its parameter names match."""
+def split_by_lr_multiplier(groups: List[dict], multipliers: Dict[str, float], strict: bool = True) -> List[dict]:
+    """Split each group by the first `optimizer.lr_multipliers` pattern its parameter names match
+    (``strict``: a pattern that matches no parameter is an error)."""
     if not multipliers:
         return [{**g, "lr_scale": 1.0} for g in groups]
     used = set()
@@ -274,17 +275,18 @@ def split_by_lr_multiplier(groups: List[dict], multipliers: Dict[str, float]) ->
             target["params"].append(param)
         out.extend(by_scale.values())
     unused = [p for p in multipliers if p not in used]
-    if unused:
+    if unused and strict:
         examples = ", ".join(n for g in groups for n in g["names"][:3])
         raise ConfigError("optimizer.lr_multipliers", f"pattern '{unused[0]}' matches no parameter "
                           f"(names look like: {examples})", "fix the pattern (shell-style, e.g. 'head.*')")
     return out
 
 
-def build_optimizer(spec: OptimizerSpec, groups: List[dict]) -> "torch.optim.Optimizer":
-    """``groups`` are dicts with ``params``, ``names`` and ``weight_decay`` (from regularization)."""
+def optimizer_groups(spec: OptimizerSpec, groups: List[dict], strict: bool = True) -> List[dict]:
+    """The optimizer's parameter groups (learning rate set, names dropped) from regularization's groups.
+    ``strict=False`` for a subset of the model's parameters (parameters unfrozen during a run)."""
     info = OPTIMIZERS.get(spec.name)
-    groups = split_by_lr_multiplier(groups, spec.lr_multipliers)
+    groups = split_by_lr_multiplier(groups, spec.lr_multipliers, strict)
     if info.split is not None:
         groups = info.split(spec, groups)
     final = []
@@ -293,6 +295,18 @@ def build_optimizer(spec: OptimizerSpec, groups: List[dict]) -> "torch.optim.Opt
         group["lr"] = group.pop("base_lr", spec.lr) * group.pop("lr_scale")
         group.pop("names")
         final.append(group)
+    return final
+
+
+def build_optimizer(spec: OptimizerSpec, groups: List[dict], all_names: Optional[List[str]] = None
+                    ) -> "torch.optim.Optimizer":
+    """``groups`` are dicts with ``params``, ``names`` and ``weight_decay`` (from regularization).
+    ``all_names``: every parameter name of the model, frozen ones included (a pattern of
+    `optimizer.lr_multipliers` may name parameters that are unfrozen later)."""
+    info = OPTIMIZERS.get(spec.name)
+    if all_names is not None:
+        split_by_lr_multiplier([{"names": all_names, "params": all_names}], spec.lr_multipliers)
+    final = optimizer_groups(spec, groups, strict=all_names is None)
     cls = _import(info.target)
     try:
         return cls(final, lr=spec.lr, **spec.kwargs())

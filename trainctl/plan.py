@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Dict
 
 from trainctl.batches import Batches
 from trainctl.loss import resolve_loss
-from trainctl.model import model_name
+from trainctl.model import init_settings, model_name
 from trainctl.schedule import Horizon
 from trainctl.spec import RunSpec, total_optimizer_steps
 
@@ -16,14 +16,18 @@ if TYPE_CHECKING:
 
 def plan(run: "Run") -> Dict[str, Any]:
     """What a run will do, before it trains (`trainctl show`, the run's opening log lines)."""
+    from trainctl.adapters import parameter_counts
+
     spec, info = run.spec, run.data.info
-    params = list({id(p): p for p in run.model.parameters()}.values())
+    counts = parameter_counts(run.model)
     return {
         "data": f"{spec.data.name}: {info.task}, {info.n_train} train / {info.n_val} val samples"
                 + (f", {info.num_classes} classes" if info.num_classes else ""),
         "model": f"{model_name(spec.model)}",
-        "parameters": sum(p.numel() for p in params),
-        "trainable parameters": sum(p.numel() for p in params if p.requires_grad),
+        **({"initial weights": init_settings(spec.model)[0]} if init_settings(spec.model)[0] else {}),
+        "parameters": counts["total"],
+        "trainable parameters": f"{counts['trainable']:,} ({counts['percent']:.2f}%)",
+        "peft": _peft_plan(run),
         "loss": resolve_loss(spec.loss, info.task).name,
         "optimizer": f"{spec.optimizer.name} (lr {spec.optimizer.lr:g}, {len(run.optimizer.param_groups)} "
                      f"parameter groups)",
@@ -44,6 +48,17 @@ def plan(run: "Run") -> Dict[str, Any]:
         **({"transforms": ", ".join(t.name for t in run.transforms)} if run.transforms else {}),
         **({"step wrappers": ", ".join(w.name for w in run.step_wrappers)} if run.step_wrappers else {}),
     }
+
+
+def _peft_plan(run: "Run") -> str:
+    peft = run.spec.peft
+    if peft.name == "none":
+        return "none (every parameter trains)"
+    if peft.name == "freeze":
+        later = ", ".join(f"{'/'.join(s.modules)} at epoch {s.epoch}" for s in peft.unfreeze_at)
+        return f"freeze: {', '.join(peft.trainable)} train" + (f"; unfreezing {later}" if later else "")
+    text = f"{peft.name}: r={peft.r}, alpha={peft.alpha:g}"
+    return text + (f", {peft.quant_type} base" if peft.name == "qlora" else "")
 
 
 def _steps_plan(run: "Run") -> Dict[str, int]:

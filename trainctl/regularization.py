@@ -8,7 +8,7 @@ the loss builder reads `label_smoothing`, the model builder reads `dropout`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, List, Optional
+from typing import TYPE_CHECKING, Iterable, List, Optional, Tuple
 
 from trainctl.errors import check
 
@@ -47,11 +47,16 @@ class RegularizationSpec:
 
 def param_groups(model: "nn.Module", spec: RegularizationSpec) -> List[dict]:
     """Trainable parameters split into a decayed and a non-decayed group (names kept for later splits)."""
+    return named_param_groups(model.named_parameters(), spec)
+
+
+def named_param_groups(named: Iterable[Tuple[str, "torch.nn.Parameter"]], spec: RegularizationSpec) -> List[dict]:
+    """:func:`param_groups` of some (name, parameter) pairs."""
     decay: dict = {"names": [], "params": [], "weight_decay": spec.weight_decay}
     no_decay: dict = {"names": [], "params": [], "weight_decay": 0.0}
     from trainctl.performance import clean_name
 
-    for name, param in model.named_parameters():
+    for name, param in named:
         if not param.requires_grad:
             continue
         group = no_decay if spec.exclude_bias_and_norm and param.ndim < 2 else decay

@@ -25,6 +25,8 @@ log = logging.getLogger("trainctl")
 
 CHOSEN = [g for g in GROUPS.values() if g.options is not None and not g.many]
 """The groups whose option a saved spec names and a continued run keeps."""
+ADDED_LATER = {"peft": {"name": "none"}}
+"""Groups newer than some saved specs, and the option such a spec means (what the run did then)."""
 
 
 def flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
@@ -37,7 +39,9 @@ def flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def _spec_dict(text: str) -> Dict[str, Any]:
-    return flatten(OmegaConf.to_container(parse_saved_spec(text, Path("spec.yaml")), resolve=True))
+    """A saved spec's keys and values, with the schema's defaults for keys added since it was written."""
+    typed = _typed(parse_saved_spec(text, Path("spec.yaml")))
+    return flatten(OmegaConf.to_container(typed, resolve=True, throw_on_missing=False))
 
 
 def spec_changes(saved_yaml: str, spec: RunSpec, world_size: Tuple[int, int] = (1, 1)) -> Tuple[List[str], List[str]]:
@@ -84,6 +88,8 @@ def restore_checkpoint(run: Any, state: Any, source: Checkpoint, changes: List[s
 
     fresh = None
     try:
+        if run.unfreezer is not None:  # the modules unfrozen by the saved epoch train again, in the same groups
+            run.unfreezer.catch_up(run, int(source.state["run"]["epoch"]))
         if run.sharded:  # every rank reads its shard of the weights and optimizer state
             from trainctl.optim import optimizer_settings
             from trainctl.sharding import load_sharded
@@ -192,6 +198,10 @@ def parse_saved_spec(text: str, source: Path) -> DictConfig:
                           "a saved spec holds plain values only: restore the file trainctl wrote") from None
     except ValueError as exc:
         raise ConfigError(None, f"{source} is not a YAML spec: {str(exc).splitlines()[0]}") from None
+    if isinstance(saved, DictConfig):
+        for group, default in ADDED_LATER.items():  # a spec written before the group existed
+            if saved.get(group) is None:
+                saved[group] = default
     if not isinstance(saved, DictConfig) or not all(isinstance(saved.get(g.name), DictConfig) for g in CHOSEN):
         raise ConfigError(None, f"{source} is not a trainctl run spec (it lacks the config groups)",
                           "restore the file trainctl wrote")

@@ -90,6 +90,8 @@ class Runner:
 
     def _train_epoch(self) -> None:
         run, state = self.run, self.state
+        if run.unfreezer is not None:
+            run.unfreezer.catch_up(run, state.epoch)
         batches = self.meter.timed(run.data.train.epoch(state.epoch, start=state.batch_in_epoch))
         per_epoch = len(run.data.train)
         for window in windows_of(batches, run.grad_accum_steps):

@@ -106,7 +106,16 @@ def save_sharded(model: "nn.Module", optimizer: "torch.optim.Optimizer", directo
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+    dcp.save({"model": _saved_part(model, model_state), "optimizer": optimizer_state},
+             checkpoint_id=str(directory))
+
+
+def _saved_part(model: "nn.Module", state: Dict[str, Any]) -> Dict[str, Any]:
+    """The entries of a model state dict that a checkpoint holds (a fine-tuning run: the trainable ones)."""
+    from trainctl.files import saved_keys
+
+    keys = saved_keys(model)
+    return state if keys is None else {k: state[k] for k in keys if k in state}
 
 
 def save_checkpoint(checkpointer: "CheckpointStore", dist: Distributed, model: "nn.Module",
@@ -155,17 +164,20 @@ def load_sharded(model: "nn.Module", optimizer: "torch.optim.Optimizer", directo
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
+    state = {"model": _saved_part(model, model_state), "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=str(directory))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=len(state["model"]) == len(model_state)))
 
 
 def load_sharded_weights(model: "nn.Module", directory: Path) -> None:
     """The full weights of a sharded checkpoint into an unsharded model, in one process."""
     import torch.distributed.checkpoint as dcp
 
-    state = {"model": model.state_dict()}
+    state = {"model": _saved_part(model, model.state_dict())}
     try:
         dcp.load(state, checkpoint_id=str(directory), no_dist=True)
     except Exception as exc:  # DCP wraps every failure in its own exception types
@@ -173,7 +185,7 @@ def load_sharded_weights(model: "nn.Module", directory: Path) -> None:
 
         detail = " ".join(str(exc).split())
         raise CheckpointError(f"the weights in {directory} do not fit this model: {detail[:600]}") from None
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["model"], strict=len(state["model"]) == len(model.state_dict()))
 
 
 def export_weights(model: "nn.Module", path: Path, metadata: Dict[str, str], is_main: bool) -> None:
@@ -190,9 +202,12 @@ def export_weights(model: "nn.Module", path: Path, metadata: Dict[str, str], is_
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(clean_name(name))
     dropped = {n for group in names.values() for n in sorted(group)[1:]}
-    weights = {k: v.contiguous() for k, v in full.items() if k not in dropped}
-    from trainctl.files import save_state_dict
+    from trainctl.files import PARTIAL_METADATA, save_state_dict, saved_keys
 
+    keys = saved_keys(model)
+    if keys is not None:  # a fine-tuning run: its trainable part, as one process would write it
+        full, metadata = {k: full[k] for k in keys if k in full}, {**metadata, PARTIAL_METADATA: "1"}
+    weights = {k: v.contiguous() for k, v in full.items() if k not in dropped}
     save_state_dict(weights, path, metadata)
 
 

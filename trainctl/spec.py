@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from trainctl import data as data_mod
 from trainctl.callbacks import EarlyStoppingSpec
@@ -22,7 +22,8 @@ from trainctl.errors import ConfigError, check
 from trainctl.groups import CONF_DIR, GROUPS, RECIPES_DIR, Group  # noqa: F401 (the config files' places)
 from trainctl.loss import LossSpec, loss_problem
 from trainctl.metrics import MODE_OF, VAL_METRICS, LoggingSpec, default_monitor
-from trainctl.model import MODELS, is_custom, task_compatible, validate_model
+from trainctl.adapters import PeftSpec
+from trainctl.model import MODELS, absolute_path, is_custom, task_compatible, validate_model
 from trainctl.optim import OptimizerSpec
 from trainctl.parallel import ParallelismSpec
 from trainctl.performance import PerformanceSpec
@@ -40,7 +41,9 @@ class RunSpec:
     """One run: a field per config group plus run-level settings."""
 
     model: Any = MISSING
-    """Network: mlp, cnn, gpt, or custom (a `_target_` class)."""
+    """Network: mlp, cnn, gpt, hf, or custom (a `_target_` class)."""
+    peft: PeftSpec = MISSING
+    """What trains: none (everything), freeze, lora, dora or qlora."""
     data: DataSpec = MISSING
     optimizer: OptimizerSpec = MISSING
     scheduler: SchedulerSpec = MISSING
@@ -64,6 +67,10 @@ class RunSpec:
     def resolve_paths(self, base_dir: str) -> None:
         self.data.resolve_paths(base_dir)
         self.checkpoint.resolve_paths(base_dir)
+        if not is_custom(self.model):
+            self.model.resolve_paths(base_dir)
+        elif isinstance(self.model.get("init_from"), str) and self.model["init_from"].strip():
+            self.model["init_from"] = absolute_path(self.model["init_from"], base_dir)
 
     def validate(self) -> None:
         """Every group's own checks, then the checks that involve more than one group."""
@@ -78,9 +85,11 @@ class RunSpec:
         for name in self.transforms:
             check(task in TRANSFORMS.get(name).tasks, f"transforms.{name}", f"applies to "
                   f"{' or '.join(TRANSFORMS.get(name).tasks)} data, not {task}", "drop it from transforms=[...]")
-        problem = task_compatible(self.model, task, input_rank)
+        tokens = data_mod.token_ids(self.data)
+        problem = task_compatible(self.model, task, input_rank, tokens)
         if problem:
-            fits = [n for n, e in MODELS.items() if task in e.tasks and (e.input_rank in (None, input_rank))]
+            fits = [n for n, e in MODELS.items() if task in e.tasks and (e.input_rank in (None, input_rank))
+                    and e.tokens == tokens]
             raise ConfigError("model", f"{problem} (data={self.data.name})", f"set model={' or model='.join(fits)}")
         check(not self.performance.channels_last or input_rank == 3, "performance.channels_last",
               f"channels_last is a memory format for image batches (C, H, W), and data={self.data.name} has none",
@@ -103,12 +112,33 @@ class RunSpec:
               "checkpoint checkpoints/best (`trainctl eval RUN_DIR/checkpoints/best`)")
         check(not self.early_stopping.enabled or bool(evaluates), "early_stopping.patience",
               "early stopping counts evaluations, but evaluation is off", "set trainer.eval_every_n_epochs=1")
+        self._validate_peft()
         if SCHEDULERS.get(self.scheduler.name).monitors:
             check(self.scheduler.monitor in VAL_METRICS[task], "scheduler.monitor",
                   f"'{self.scheduler.monitor}' is not reported for {task} data; "
                   f"choose from {', '.join(VAL_METRICS[task])}", "set scheduler.monitor=val/loss")
             check(bool(evaluates), "scheduler", "scheduler=plateau steps on validation results, "
                   "but evaluation is off", "set trainer.eval_every_n_epochs=1")
+
+    def _validate_peft(self) -> None:
+        """Combinations of the `peft` group that cannot work, refused with the reason."""
+        peft, parallel = self.peft, self.parallelism.name
+        if getattr(peft, "unfreeze_at", None):
+            check(parallel == "single", "peft.unfreeze_at", f"gradual unfreezing is not available with "
+                  f"parallelism={parallel}: {parallel.upper()} fixes the trained parameters when it wraps the model",
+                  "train with one process, or list those modules in peft.trainable from the start")
+            check(self.scheduler.name != "onecycle", "peft.unfreeze_at", "scheduler=onecycle keeps one "
+                  "learning-rate cycle per parameter group, set up before training; groups added by "
+                  "unfreezing have none", "use scheduler=warmup_cosine (or another schedule)")
+        if peft.name == "qlora":
+            check(parallel != "fsdp", "peft", "peft=qlora cannot be combined with parallelism=fsdp: FSDP "
+                  "cannot shard bitsandbytes' 4-bit weights", "use parallelism=ddp, or peft=lora with fsdp")
+            check(self.precision.name != "bf16_true", "precision", "peft=qlora keeps its base in 4 bits; "
+                  "precision=bf16_true would convert what is left to bf16 before quantising",
+                  "use precision=bf16 (the 4-bit layers then compute in bf16)")
+        if peft.name != "none" and is_custom(self.model) and getattr(peft, "adapters", False):
+            check(peft.target_modules is not None, "peft.target_modules", "a custom model has no default "
+                  "layers for adapters", "name them: peft.target_modules=[fc1,fc2] (or a regular expression)")
 
     def monitor(self, task: str, node: Any = None) -> str:
         """The metric that defines "best" for ``node`` (trainer, checkpoint or early_stopping)."""
@@ -195,6 +225,10 @@ def load_spec(cfg: DictConfig, base_dir: str) -> RunSpec:
     except MissingMandatoryValue as exc:
         key = exc.full_key or "?"
         raise ConfigError(key, "is required and has no value", f"set {key}=VALUE") from None
+    except InterpolationResolutionError as exc:  # e.g. data.tokenizer=${model.path} with a model that has none
+        key = exc.full_key or "?"
+        raise ConfigError(key, f"cannot be resolved: {str(exc).splitlines()[0]}",
+                          f"set {key} to a value (the key it refers to does not exist here)") from None
     assert isinstance(spec, RunSpec)
     spec.resolve_paths(base_dir)
     spec.validate()
