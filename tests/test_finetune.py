@@ -204,6 +204,7 @@ def test_lora_trains_adapters_and_the_head_and_saves_only_them(base, lora_run):
     assert describe(parameter_counts(run.model)) == "5,898 trainable of 90,900 parameters (6.49%)"
 
 
+@pytest.mark.slow
 def test_exported_adapter_loads_in_peft_and_the_merge_equals_base_plus_adapter(lora_run, base, tmp_path):
     from trainctl.job import load_saved_run
 
@@ -361,3 +362,15 @@ def test_lora_under_ddp_and_fsdp_saves_the_adapters_and_resumes(base, tmp_path, 
     assert "resuming from" in (tmp_path / "run" / "trainctl.log").read_text()
     result = trainctl(["eval", str(tmp_path / "run"), "--json"], cwd=tmp_path)
     assert result.returncode == 0 and json.loads(result.stdout)["metrics"]["val/acc"] > 0.5
+
+
+def test_export_into_a_run_directory_another_process_owns_is_refused(lora_run, tmp_path):
+    from trainctl import rundir
+
+    rundir.acquire(lora_run, None)
+    try:
+        out = trainctl(["export", str(lora_run)], cwd=tmp_path)
+    finally:
+        rundir.release(lora_run)
+    assert out.returncode == 2 and "pass -o DIR" in out.stderr and "Traceback" not in out.stderr
+    assert not (lora_run / "export").exists()

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from trainctl.errors import ConfigError
+
 
 def main(argv: Sequence[str]) -> None:
     import argparse
@@ -26,8 +28,19 @@ def main(argv: Sequence[str]) -> None:
 
     path = Path(args.path)
     run, weights, ckpt, run_dir = load_saved_run(path, [], os.getcwd())
-    result = export_run(run, weights, ckpt.step if ckpt is not None else None, run_dir, path,
-                        Path(args.output) if args.output else None, args.merge)
+    output = Path(args.output) if args.output else None
+    step = ckpt.step if ckpt is not None else None
+    if output is None and run_dir is not None:  # into the run directory: only while no other process owns it
+        from trainctl import rundir
+
+        try:
+            with rundir.owning(Path(run_dir), None):
+                result = export_run(run, weights, step, run_dir, path, None, args.merge)
+        except rundir.RunDirBusy as busy:
+            raise ConfigError(None, f"not exported into {run_dir}: {busy.message}",
+                              "pass -o DIR to export elsewhere") from None
+    else:
+        result = export_run(run, weights, step, run_dir, path, output, args.merge)
     if args.json:
         import json
 
