@@ -207,13 +207,14 @@ def require_peft() -> Any:
 # --- applying the group to a built model -----------------------------------------------------------------
 
 
-def apply(model: "nn.Module", spec: PeftSpec, model_spec: Any, compute_dtype: "torch.dtype") -> "nn.Module":
+def apply(model: "nn.Module", spec: PeftSpec, kind: Optional[str], compute_dtype: "torch.dtype") -> "nn.Module":
     """The model to train: ``model`` itself with parameters frozen (`freeze`), or wrapped with adapters.
-    ``model_spec`` says which built-in defaults apply; ``compute_dtype`` is QLoRA's compute precision."""
+    ``kind`` is the model option (mlp, cnn, gpt, hf; None for a custom model): it says which defaults
+    apply; ``compute_dtype`` is QLoRA's compute precision."""
     if isinstance(spec, FreezeSpec):
         freeze(model, spec.trainable, "peft.trainable")
     elif isinstance(spec, LoraSpec):
-        model = _with_adapters(model, spec, model_spec, compute_dtype)
+        model = _with_adapters(model, spec, kind, compute_dtype)
     else:
         return model
     setattr(model, TRAINABLE_ONLY, True)
@@ -262,18 +263,12 @@ def _module_examples(model: "nn.Module") -> str:
     return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
 
 
-def _builtin(model_spec: Any) -> Optional[str]:
-    from trainctl.model import is_custom
-
-    return None if is_custom(model_spec) else model_spec.name
-
-
-def _with_adapters(model: "nn.Module", spec: LoraSpec, model_spec: Any, compute_dtype: "torch.dtype") -> "nn.Module":
+def _with_adapters(model: "nn.Module", spec: LoraSpec, kind: Optional[str], compute_dtype: "torch.dtype"
+                   ) -> "nn.Module":
+    """Adapters around ``model``; a Hugging Face model (kind hf) gets them around the transformers model
+    inside its wrapper, so they are saved and loaded as peft does for that architecture."""
     peft = require_peft()
-    from trainctl.hf import HFModel
-
-    kind = _builtin(model_spec)
-    hf = isinstance(model, HFModel)
+    hf = kind == "hf"
     targets = spec.target_modules
     if targets is None and kind in BUILTIN_TARGETS:
         targets = BUILTIN_TARGETS[kind]

@@ -257,7 +257,8 @@ def _build_model(spec: RunSpec, info: data_mod.DataInfo, device: torch.device, p
                           "check the model's _target_ and its arguments")
     model.to(device)
     model = precision.convert_model(model)
-    model = adapters.apply(model, spec.peft, spec.model, precision.dtype or torch.float32)
+    kind = None if is_custom(spec.model) else spec.model.name
+    model = adapters.apply(model, spec.peft, kind, precision.dtype or torch.float32)
     if spec.performance.channels_last:
         apply_channels_last(model)
     return model

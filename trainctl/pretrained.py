@@ -89,7 +89,8 @@ def load_initial(model: "nn.Module", source: str, strict: bool) -> Dict[str, Lis
         raise ConfigError("model.init_strict", f"the weights in {file} do not fit the model: {_report(problems)}",
                           "set model.init_strict=false to load what fits (e.g. when the head is new)")
     model.load_state_dict(fitting, strict=False)
-    log.info("model.init_from: loaded %d of %d tensors from %s", len(fitting), len(own), file)
+    log.info("model.init_from: loaded %d of %d tensors from %s: %s", len(fitting), len(own), file,
+             _listed(sorted(fitting)))
     if missing or unexpected or mismatched:
         log.warning("model.init_from: not loaded (model.init_strict=false): %s", _report(problems))
     return problems
@@ -104,10 +105,9 @@ def _aliases(state: Dict[str, "torch.Tensor"]) -> Dict[str, Tuple[str, ...]]:
     return {n: tuple(m for m in names if m != n) for names in by_ptr.values() if len(names) > 1 for n in names}
 
 
+def _listed(keys: List[str]) -> str:
+    return ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+
+
 def _report(problems: Dict[str, List[str]]) -> str:
-    parts = []
-    for kind, keys in problems.items():
-        if keys:
-            shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
-            parts.append(f"{kind}: {shown}")
-    return "; ".join(parts)
+    return "; ".join(f"{kind}: {_listed(keys)}" for kind, keys in problems.items() if keys)
