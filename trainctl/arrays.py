@@ -47,6 +47,9 @@ class Arrays:
     starts_train: Optional[np.ndarray] = None
     starts_val: Optional[np.ndarray] = None
     seq_len: int = 0
+    sources: Optional[Tuple[Any, Any]] = None
+    """Datasets that do not fit the arrays above (files read per batch, a user's Dataset): the train and
+    validation :class:`trainctl.batches.Source` objects themselves; ``x_*``/``y_*`` are then unused."""
 
 
 

@@ -8,7 +8,7 @@ DataLoader (per-sample fetch + default collate) for datasets that want worker pr
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,13 +19,31 @@ Batch = Tuple[torch.Tensor, torch.Tensor]
 
 
 class Source:
-    """Samples addressed by index: ``take(idx)`` returns the batch for a 1-D index tensor."""
+    """Samples addressed by index: ``take(idx)`` returns the batch for a 1-D index tensor.
+
+    A source whose samples live in host memory or in files (``host = True``) gets CPU indices, and its
+    batches are moved to the device by :class:`Batches`. ``epoch`` is set before each epoch's samples
+    are taken (also inside DataLoader workers), so random augmentation can be a pure function of
+    (seed, epoch, index) and a resumed run draws what the uninterrupted one drew.
+    """
+
+    host = False
+    epoch = 0
 
     def __len__(self) -> int:
         raise NotImplementedError
 
     def take(self, idx: torch.Tensor) -> Batch:
         raise NotImplementedError
+
+    def sample(self, i: int) -> Batch:
+        """One sample (what a DataLoader worker fetches); by default a batch of one, unbatched."""
+        x, y = self.take(torch.tensor([i]))
+        return x[0], y[0]
+
+    def collate(self, samples: List[Batch]) -> Batch:
+        """Stack samples from :meth:`sample` into a batch (DataLoader workers)."""
+        return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
 
 
 class TensorSource(Source):
@@ -59,15 +77,31 @@ class WindowSource(Source):
 
 
 class _SampleView(torch.utils.data.Dataset):
+    """A source as a map-style dataset whose keys are (epoch, index): persistent workers learn the epoch
+    from each key, not from a copy of the source made when they started."""
+
     def __init__(self, source: Source) -> None:
         self.source = source
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int):
-        x, y = self.source.take(torch.tensor([i]))
-        return x[0], y[0]
+    def __getitem__(self, key: Tuple[int, int]) -> Batch:
+        self.source.epoch = key[0]
+        return self.source.sample(key[1])
+
+
+class _EpochBatches:
+    """The batch sampler of the loader: this epoch's index batches, as (epoch, index) keys."""
+
+    def __init__(self) -> None:
+        self.epoch, self.chunks = 0, []
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        return iter([[(self.epoch, i) for i in chunk.tolist()] for chunk in self.chunks])
 
 
 class Batches:
@@ -76,8 +110,13 @@ class Batches:
     def __init__(self, source: Source, batch_size: int, shuffle: bool, drop_last: bool, seed: int,
                  num_workers: int = 0, device: torch.device = torch.device("cpu"),
                  memory_format: torch.memory_format = torch.contiguous_format, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, persistent_workers: bool = False, prefetch_factor: Optional[int] = None
+                 ) -> None:
         self.source = source
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.prefetch_factor = prefetch_factor
+        self._loader: Optional[torch.utils.data.DataLoader] = None
+        self._sampler = _EpochBatches()
         self.rank, self.world_size = rank, world_size
         self.memory_format = memory_format
         self.device = device
@@ -134,26 +173,47 @@ class Batches:
 
     def first(self) -> Batch:
         """A full batch of the first samples (to measure the model on)."""
-        return self.source.take(torch.arange(min(self.batch_size, len(self.source)), device=self.device))
+        idx = torch.arange(min(self.batch_size, len(self.source)))
+        if self.source.host:
+            x, y = self.source.take(idx)
+            return x.to(self.device, memory_format=self.memory_format), y.to(self.device)
+        return self.source.take(idx.to(self.device))
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch``, skipping the first ``start`` by index (nothing is drawn for them)."""
         chunks = self.index_batches(epoch, start)
+        self.source.epoch = epoch
         if self.num_workers == 0 and not self.shuffle and isinstance(self.source, TensorSource):
             # in order: every batch is a contiguous range of the tensors, taken as a view
             return (self.source.slice(int(idx[0]), int(idx[-1]) + 1) for idx in chunks)
         if self.num_workers == 0:
+            if self.source.host:
+                return (self._moved(self.source.take(idx)) for idx in chunks)
             if self.device.type == "cpu":  # the index batches are on the CPU already
                 return (self.source.take(idx) for idx in chunks)
             return (self.source.take(idx.to(self.device)) for idx in chunks)
+        self._sampler.epoch, self._sampler.chunks = epoch, chunks
+        loader = self._loader if self._loader is not None else self._make_loader(epoch)
+        return (self._moved(batch) for batch in loader)
+
+    def _make_loader(self, epoch: int) -> torch.utils.data.DataLoader:
         # The loader draws its workers' base seed from its own generator, not from the global RNG: taking
         # it from there would shift the dropout masks of a run resumed in the middle of an epoch.
         loader = torch.utils.data.DataLoader(
-            _SampleView(self.source), batch_sampler=[c.tolist() for c in chunks],
+            _SampleView(self.source), batch_sampler=self._sampler, collate_fn=self.source.collate,
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor,
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-        return ((x.to(self.device, non_blocking=True, memory_format=self.memory_format),
-                 y.to(self.device, non_blocking=True)) for x, y in loader)
+        if self.persistent_workers:  # one loader (and one set of workers) for the whole run
+            self._loader = loader
+        return loader
+
+    def _moved(self, batch: Batch) -> Batch:
+        x, y = batch
+        if self.device.type == "cpu":
+            return x, y
+        return (x.to(self.device, non_blocking=True, memory_format=self.memory_format),
+                y.to(self.device, non_blocking=True))
 
 
 class DataBundle:
@@ -164,6 +224,8 @@ class DataBundle:
 
 
 def _sources(arrays: Arrays, device: torch.device, memory_format: torch.memory_format) -> Tuple[Source, Source]:
+    if arrays.sources is not None:  # files read per batch, or a user's Dataset: built by the data option
+        return arrays.sources
     if arrays.info.task == "lm":
         def windows(tokens: np.ndarray, starts: np.ndarray) -> Source:
             return WindowSource(torch.from_numpy(tokens.copy()).to(device),
@@ -184,10 +246,11 @@ def build_batches(spec: DataSpec, arrays: Arrays, device: torch.device, channels
     where = device if spec.num_workers == 0 else torch.device("cpu")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     train_src, val_src = _sources(arrays, where, memory_format)
+    loading = {"persistent_workers": spec.persistent_workers, "prefetch_factor": spec.prefetch_factor}
     train = Batches(train_src, spec.batch_size, spec.shuffle, spec.drop_last, spec.seed, spec.num_workers, device,
-                    memory_format, rank, world_size)
+                    memory_format, rank, world_size, **loading)
     val = Batches(val_src, spec.eval_batch_size or spec.batch_size, False, False, spec.seed, spec.num_workers,
-                  device, memory_format, rank, world_size)
+                  device, memory_format, rank, world_size, **loading)
     return DataBundle(arrays.info, train, val)
 
 

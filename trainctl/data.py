@@ -41,6 +41,10 @@ class DataSpec:
     """Seed of the train/validation split, of generated data and of the shuffling order."""
     num_workers: int = 0
     """DataLoader worker processes; 0 slices whole batches straight from in-memory tensors (fastest)."""
+    persistent_workers: bool = True
+    """Keep the DataLoader's workers alive from one epoch to the next (with num_workers > 0)."""
+    prefetch_factor: Optional[int] = None
+    """Batches each worker loads ahead (null: torch's default, 2)."""
     val_fraction: float = 0.2
     """Share of the data held out for validation."""
 
@@ -50,6 +54,9 @@ class DataSpec:
         check(self.eval_batch_size is None or self.eval_batch_size >= 1, f"{key}.eval_batch_size",
               "must be >= 1 or null", f"set {key}.eval_batch_size=null")
         check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0", f"set {key}.num_workers=0")
+        check(self.prefetch_factor is None or (self.prefetch_factor >= 1 and self.num_workers > 0),
+              f"{key}.prefetch_factor", "must be >= 1, and needs data.num_workers > 0",
+              f"set {key}.prefetch_factor=null")
         check(0 <= self.seed < 2**32, f"{key}.seed", f"must be in 0 .. 2**32-1 (got {self.seed})", f"set {key}.seed=0")
         check(0.0 < self.val_fraction < 1.0, f"{key}.val_fraction",
               f"must be between 0 and 1 (got {self.val_fraction})", f"set {key}.val_fraction=0.2")

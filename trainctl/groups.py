@@ -78,7 +78,7 @@ GROUPS: Dict[str, Group] = {group.name: group for group in (
     Group("peft", "what trains: everything (none), chosen modules (freeze), or adapters (lora, dora, qlora)",
           PeftSpec, PEFTS, fixed_on_resume=("*",)),
     Group("data", "the dataset, its split and batches", DataSpec, DATASETS, fixed_on_resume=("*",),
-          free_on_resume=("num_workers", "eval_batch_size")),
+          free_on_resume=("num_workers", "eval_batch_size", "persistent_workers", "prefetch_factor")),
     Group("optimizer", "torch.optim and pytorch-optimizer optimizers", OptimizerSpec, OPTIMIZERS,
           fixed_on_resume=("name",)),
     Group("scheduler", "learning-rate schedules, stepped once per optimizer step", SchedulerSpec, SCHEDULERS,
