@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import compose
@@ -39,7 +40,21 @@ def _needs(group: str, option: str, tmp: Path, text: Path, csv: Path) -> list[st
     hf.mkdir(exist_ok=True)
     (hf / "config.json").write_text("{}")
     (hf / "tokenizer_config.json").write_text("{}")
+    images = tmp / "images"
+    for name in ("a", "b"):
+        (images / name).mkdir(parents=True, exist_ok=True)
+        from PIL import Image
+
+        for i in range(4):
+            Image.new("L", (8, 8), 40 * i).save(images / name / f"{i}.png")
+    tokens = tmp / "tokens"
+    tokens.mkdir(exist_ok=True)
+    for split in ("train", "val"):
+        np.arange(4096, dtype=np.uint16).tofile(tokens / f"{split}.bin")
     extra = {
+        ("data", "custom"): ["data._target_=own_datasets.Pairs", "allowed_target_prefixes=[own_datasets.]"],
+        ("data", "images"): [f"data.path={images}", "model=cnn"],
+        ("data", "tokens"): [f"data.path={tokens}", "data.dtype=uint16", "data.vocab_size=4096", "model=gpt"],
         ("model", "hf"): ["data=hf_text", f"data.path={text}", f"data.tokenizer={hf}", f"model.path={hf}"],
         ("data", "hf_text"): [f"data.path={text}", f"data.tokenizer={hf}", "model=gpt"],
         ("data", "hf_classification"): [f"data.path={csv}", f"data.tokenizer={hf}", "model=hf", f"model.path={hf}"],

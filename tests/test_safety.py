@@ -301,8 +301,9 @@ ROWS = "".join(f"{i},{i * 2},{'pos' if i % 2 else 'neg'}\n" for i in range(30))
 
 
 @pytest.mark.parametrize("text,key,words", [
-    ("a,b,y\n" + ROWS + "5,6,\n", "data.target", "column 'y' of t.csv is empty on 1 row(s) (line 32)"),
-    ("a,b,y\n" + ROWS + "5,,pos\n", "data.features", "column 'b' has 1 empty cell(s) (line 32)"),
+    ("a,b,y\n" + ROWS + "5,6,\n", "data.missing", "t.csv has missing values in 1 row(s): column 'y' on 1 row(s) "
+     "(line 32)"),
+    ("a,b,y\n" + ROWS + "5,,pos\n", "data.missing", "column 'b' on 1 row(s) (line 32)"),
     ("a,a,y\n" + ROWS, "data.path", "has two columns named 'a'"),
     ("a,b,y\n" + ROWS + "5,6,caf\xe9\n", "data.path", "is not UTF-8 text (byte 0xe9"),
 ])
@@ -310,7 +311,9 @@ def test_csv_files_with_holes_or_bad_headers_are_refused_with_the_fix(tmp_path, 
     with pytest.raises(ConfigError) as error:
         build(["data=csv", f"data.path={_csv(tmp_path, text)}", "data.target=y"])
     assert error.value.key == key and words in error.value.message and error.value.fix
-    if key == "data.features":
+    if key == "data.missing":
+        assert "data.missing=drop" in error.value.fix and "data.missing=mean" in error.value.fix
+    if "column 'b'" in words:
         assert error.value.fix.endswith("data.features=[a]")
 
 

@@ -345,8 +345,9 @@ def test_validation_checks_the_paths_and_sizes_without_loading(tmp_path, tokeniz
 def test_the_inputs_are_token_ids():
     from trainctl.data import DATASETS
 
-    assert [name for name, entry in DATASETS.items() if entry.token_ids] == ["hf_classification", "hf_text", "text"]
-    assert [name for name, entry in DATASETS.items() if entry.cached] == ["hf_classification", "hf_text"]
+    assert [name for name, entry in DATASETS.items() if entry.token_ids is True] == \
+        ["hf_classification", "hf_text", "text", "tokens"]
+    assert [name for name, entry in DATASETS.items() if entry.cached] == ["hf_classification", "hf_text", "tokens"]
 
 
 def test_without_transformers_the_fix_is_the_extra(tmp_path, tokenizer_dir, monkeypatch):

@@ -5,8 +5,8 @@ split's statistics. NumPy only."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -29,6 +29,9 @@ class DataInfo:
     """Regression targets were standardized with these; metrics are reported in the original units."""
     target_std: Optional[Tuple[float, ...]] = None
     class_names: Optional[Tuple[str, ...]] = None
+    encoding: Optional[Dict[str, Any]] = field(default=None, compare=False)
+    """How a table's columns became the inputs (`data=csv`, see :mod:`trainctl.tables`), fitted on the train
+    split; the run writes it to RUN_DIR/data_encoding.json for `trainctl eval`."""
 
 
 @dataclass

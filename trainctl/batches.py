@@ -8,12 +8,15 @@ DataLoader (per-sample fetch + default collate) for datasets that want worker pr
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from trainctl.data import Arrays, DataInfo, DataSpec
+from trainctl.arrays import Arrays, DataInfo
+
+if TYPE_CHECKING:
+    from trainctl.data import DataSpec
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -44,6 +47,29 @@ class Source:
     def collate(self, samples: List[Batch]) -> Batch:
         """Stack samples from :meth:`sample` into a batch (DataLoader workers)."""
         return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
+
+
+class SampleSource(Source):
+    """Samples produced one at a time in host memory (decoded files, a user's Dataset): ``fetch(i)``
+    returns sample ``i`` as tensors. Anything random in it (augmentation, a Dataset's own use of torch's
+    generator) draws from a generator seeded by (seed, epoch, index), so the samples of a resumed run,
+    with or without workers, are those of the uninterrupted one."""
+
+    host = True
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def fetch(self, i: int) -> Batch:
+        raise NotImplementedError
+
+    def sample(self, i: int) -> Batch:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + i)
+            return self.fetch(i)
+
+    def take(self, idx: torch.Tensor) -> Batch:
+        return self.collate([self.sample(int(i)) for i in idx])
 
 
 class TensorSource(Source):
@@ -101,7 +127,40 @@ class _EpochBatches:
         return len(self.chunks)
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        return iter([[(self.epoch, i) for i in chunk.tolist()] for chunk in self.chunks])
+        epoch, chunks = self.epoch, self.chunks  # this epoch's, even if the next is set meanwhile
+        return ([(epoch, i) for i in chunk.tolist()] for chunk in chunks)
+
+
+class _IndexBatches(Sequence):
+    """An epoch's index batches, cut from its order when asked for: an epoch of millions of samples is one
+    tensor, not a list of as many views. Each global batch of ``batch_size x world`` samples is cut into
+    equal consecutive shares (rank r takes share r); a last, shorter one is cut to a multiple of the world
+    size, so every rank gets the same number of samples and DDP's mean of means is the global mean (or it
+    is dropped: ``count`` says how many batches there are)."""
+
+    def __init__(self, order: torch.Tensor, batch_size: int, world: int, rank: int, count: int, first: int = 0
+                 ) -> None:
+        self.order, self.batch_size, self.world, self.rank = order, batch_size, world, rank
+        self.count, self.first = count, first
+
+    def __len__(self) -> int:
+        return max(0, self.count - self.first)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            start, _, step = k.indices(len(self))
+            if step != 1 or k.stop is not None:
+                raise ValueError("only the tail of an epoch's batches is taken")
+            return _IndexBatches(self.order, self.batch_size, self.world, self.rank, self.count, self.first + start)
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        size = self.batch_size * self.world
+        chunk = self.order[(self.first + k) * size:(self.first + k + 1) * size]
+        if len(chunk) < size:
+            chunk = chunk[: len(chunk) // self.world * self.world]
+        return chunk.tensor_split(self.world)[self.rank] if self.world > 1 else chunk
 
 
 class Batches:
@@ -152,20 +211,13 @@ class Batches:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(n, generator=generator)
 
-    def _chunks(self, epoch: int) -> List[torch.Tensor]:
+    def _chunks(self, epoch: int) -> Sequence[torch.Tensor]:
         if self.world_size > 1 and not self.shuffle:  # evaluation: a contiguous share per rank, nothing dropped
             share = self.order(epoch).tensor_split(self.world_size)[self.rank]
             return list(share.split(self.batch_size)) if len(share) else []
-        world, size = self.world_size, self.batch_size * self.world_size
-        chunks = list(self.order(epoch).split(size))
-        if chunks and len(chunks[-1]) < size:
-            if self.drop_last or len(chunks[-1]) < world:
-                chunks.pop()
-            else:  # every rank gets the same number of samples, so DDP's mean of means is the global mean
-                chunks[-1] = chunks[-1][: len(chunks[-1]) // world * world]
-        return [c.tensor_split(world)[self.rank] for c in chunks] if world > 1 else chunks
+        return _IndexBatches(self.order(epoch), self.batch_size, self.world_size, self.rank, len(self))
 
-    def index_batches(self, epoch: int, start: int = 0) -> List[torch.Tensor]:
+    def index_batches(self, epoch: int, start: int = 0) -> Sequence[torch.Tensor]:
         """This rank's index batches of ``epoch``. With several ranks, each global batch of
         ``batch_size x world_size`` samples is cut into equal consecutive shares (rank r takes share r),
         and a last global batch is shortened to a multiple of the world size."""
@@ -239,7 +291,7 @@ def _sources(arrays: Arrays, device: torch.device, memory_format: torch.memory_f
     return tensors(arrays.x_train, arrays.y_train), tensors(arrays.x_val, arrays.y_val)
 
 
-def build_batches(spec: DataSpec, arrays: Arrays, device: torch.device, channels_last: bool = False,
+def build_batches(spec: "DataSpec", arrays: Arrays, device: torch.device, channels_last: bool = False,
                   rank: int = 0, world_size: int = 1) -> DataBundle:
     """In-memory datasets live on ``device``; with workers they stay on the CPU and batches move.
     With several ranks, each rank gets its share of every training batch and of the validation set."""

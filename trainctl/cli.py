@@ -23,6 +23,7 @@ COMMANDS = {
     "show": "trainctl.commands.show",
     "recipes": "trainctl.commands.recipes",
     "report": "trainctl.commands.report",
+    "prepare-tokens": "trainctl.commands.prepare_tokens",
 }
 
 USAGE = f"""trainctl {__version__}: a config-driven PyTorch training CLI
@@ -34,7 +35,7 @@ commands:
                          (a Hydra app: -m/--multirun sweeps, --cfg job, --info, --help, hydra.run.dir=...)
   resume RUN_DIR [KEY=VALUE...]
                          continue a run from its newest intact checkpoint (exactly, when nothing changed)
-  eval PATH [KEY=VALUE...] [--json] [-o FILE]
+  eval PATH [KEY=VALUE...] [--split val|test] [--json] [-o FILE]
                          evaluate a run's final weights (PATH = run directory) or a checkpoint's
                          (PATH = RUN_DIR/checkpoints/best, .../last, .../step-N) on the validation split
   export PATH [-o DIR] [--merge]
@@ -45,6 +46,9 @@ commands:
   report PATH... [--format table|json] [-o DIR] [--metric M] [--no-plots]
                          compare the runs of a sweep (or run directories, or a glob) in one table,
                          sorted by the optimized metric; writes report.md and PNG plots
+  prepare-tokens INPUT -o DIR [--tokenizer DIR | --tiktoken NAME] [--val-fraction F] [--field F]
+                         tokenise a text or .jsonl file into DIR/train.bin, val.bin and meta.json
+                         for `trainctl run data=tokens data.path=DIR` (byte-level without a tokenizer)
 
 options:
   -h, --help             this help; `trainctl run --help` lists the config groups and their options

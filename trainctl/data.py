@@ -8,61 +8,23 @@ Everything here is numpy-only so the CLI can validate a spec without importing t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
 from omegaconf import MISSING
 
-from trainctl import csvfile, tokenized
+from trainctl import csvfile, tables, tokenized
 from trainctl.arrays import Arrays, DataInfo, split_indices, tabular
+from trainctl.data_sources import CustomDataSpec, ImagesSpec, TokensSpec
+from trainctl.dataspec import DataSpec
+from trainctl.dataspec import absolute as _absolute
 from trainctl.errors import check, check_choice
 from trainctl.registry import Registry
 
 TASKS = ("classification", "regression", "lm")
-
-
-@dataclass
-class DataSpec:
-    """Fields every dataset shares."""
-
-    name: str = MISSING
-    """Dataset; the option picked with `data=NAME`."""
-    batch_size: int = 64
-    """Samples per micro-batch (per process)."""
-    eval_batch_size: Optional[int] = None
-    """Samples per validation batch; null uses `data.batch_size`."""
-    shuffle: bool = True
-    """Reshuffle the training set every epoch (order seeded by `data.seed` and the epoch)."""
-    drop_last: bool = False
-    """Drop the last, smaller training batch of each epoch."""
-    seed: int = 0
-    """Seed of the train/validation split, of generated data and of the shuffling order."""
-    num_workers: int = 0
-    """DataLoader worker processes; 0 slices whole batches straight from in-memory tensors (fastest)."""
-    persistent_workers: bool = True
-    """Keep the DataLoader's workers alive from one epoch to the next (with num_workers > 0)."""
-    prefetch_factor: Optional[int] = None
-    """Batches each worker loads ahead (null: torch's default, 2)."""
-    val_fraction: float = 0.2
-    """Share of the data held out for validation."""
-
-    def validate(self, key: str = "data") -> None:
-        check(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1 (got {self.batch_size})",
-              f"set {key}.batch_size=64")
-        check(self.eval_batch_size is None or self.eval_batch_size >= 1, f"{key}.eval_batch_size",
-              "must be >= 1 or null", f"set {key}.eval_batch_size=null")
-        check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0", f"set {key}.num_workers=0")
-        check(self.prefetch_factor is None or (self.prefetch_factor >= 1 and self.num_workers > 0),
-              f"{key}.prefetch_factor", "must be >= 1, and needs data.num_workers > 0",
-              f"set {key}.prefetch_factor=null")
-        check(0 <= self.seed < 2**32, f"{key}.seed", f"must be in 0 .. 2**32-1 (got {self.seed})", f"set {key}.seed=0")
-        check(0.0 < self.val_fraction < 1.0, f"{key}.val_fraction",
-              f"must be between 0 and 1 (got {self.val_fraction})", f"set {key}.val_fraction=0.2")
-
-    def resolve_paths(self, base_dir: str) -> None:
-        """Make user paths absolute against the directory the command was run from."""
+__all__ = ["CustomDataSpec", "DataSpec", "ImagesSpec", "TokensSpec"]
 
 
 @dataclass
@@ -118,41 +80,57 @@ class SyntheticSpec(DataSpec):
 
 @dataclass
 class CsvSpec(DataSpec):
-    """A CSV/TSV file with a header row: one target column, numeric feature columns."""
+    """A table with a header row - CSV, TSV or Parquet - with one target column and numeric or categorical
+    feature columns; missing values by a stated policy; an optional test split (see :mod:`trainctl.tables`)."""
 
     name: str = "csv"
     path: str = MISSING
-    """The file; relative paths are taken from the directory the command runs in."""
+    """The file: .parquet/.pq is Parquet, .tsv/.tab tab-separated text, anything else CSV (separator
+    detected). Relative paths are taken from the directory the command runs in."""
     target: str = MISSING
     """Header name of the column to predict."""
     features: Optional[List[str]] = None
     """Feature columns; null uses every column except the target."""
+    categorical_columns: List[str] = field(default_factory=list)
+    """Feature columns that are categories although they hold numbers (codes, postcodes); a column that holds
+    text is categorical anyway."""
+    categorical: str = "onehot"
+    """How a categorical feature becomes inputs: `onehot` (a 0/1 column per category of the train split, all
+    zeros for a category it does not have) or `codes` (one float column with the category's number 1..k, 0
+    when unknown; for a model of your own that embeds the last columns)."""
+    max_categories: int = 256
+    """A categorical feature with more categories than this in the train split is refused (an identifier?)."""
+    missing: str = "error"
+    """Missing cells (`na_values`): `error` refuses the file, naming them; `drop` drops their rows; `mean` fills
+    a numeric feature with its mean over the train split and gives a categorical one a `<missing>` category.
+    Rows without a target are dropped under `drop` and `mean`, with a count in the log."""
+    na_values: List[str] = field(default_factory=lambda: list(csvfile.NA_VALUES))
+    """Cell texts (after trimming spaces) that mean "missing"."""
     task: str = "auto"
     """`auto` (a text target, or at most `max_classes` integer values, is classification), `classification` or `regression`."""
     max_classes: int = 20
     """With `task=auto`: an integer target with at most this many distinct values is a class label."""
     delimiter: Optional[str] = None
-    """Column separator; null detects it (tab for .tsv files)."""
+    """Column separator of a text file; null detects it (tab for .tsv files)."""
     standardize: bool = True
-    """Scale features (and regression targets) to zero mean and unit variance using the train split only."""
+    """Scale numeric features (and regression targets) to zero mean and unit variance using the train split only."""
+    test_fraction: float = 0.0
+    """Share of the rows held out as a test split (stratified for classification, seeded by `data.seed`) before
+    `val_fraction` is taken from the rest; never trained or validated on: `trainctl eval RUN --split test`."""
+    test_path: Optional[str] = None
+    """A test file with the same columns, instead of `test_fraction`: `trainctl eval RUN --split test`."""
+    encoding: Optional[str] = None
+    """A run's `data_encoding.json`: apply its encoding rather than fit one on the train split (`trainctl eval`
+    uses the run's own)."""
 
     def validate(self, key: str = "data") -> None:
         super().validate(key)
-        check_choice(self.task, ("auto", "classification", "regression"), f"{key}.task")
-        path = Path(self.path)
-        check(path.is_file(), f"{key}.path", f"no such file: {self.path}", f"set {key}.path=FILE (a CSV or TSV file)")
-        header = csvfile.read_table(str(path), self.delimiter)[0]
-        check(self.target in header, f"{key}.target",
-              f"no column '{self.target}' in {path.name}; its columns are: {', '.join(header)}",
-              f"set {key}.target=COLUMN")
-        for column in self.features or []:
-            check(column in header, f"{key}.features", f"no column '{column}' in {path.name}",
-                  f"choose from: {', '.join(c for c in header if c != self.target)}")
-        check(self.target not in (self.features or []), f"{key}.features",
-              f"the target '{self.target}' cannot also be a feature", f"remove it from {key}.features")
+        tables.check_spec(self, key)  # the settings and the files' headers; no rows are read
 
     def resolve_paths(self, base_dir: str) -> None:
         self.path = _absolute(self.path, base_dir)
+        self.test_path = _absolute(self.test_path, base_dir) if self.test_path else self.test_path
+        self.encoding = _absolute(self.encoding, base_dir) if self.encoding else self.encoding
 
 
 @dataclass
@@ -264,8 +242,9 @@ class DataEntry:
     cached: bool = False
     """The loader takes a cache directory (None: no cache) where it keeps its slow work, e.g. tokenising,
     so that a resumed run does not do it again."""
-    token_ids: bool = False
-    """The inputs are integer token ids (for models with an embedding), not float features."""
+    token_ids: Any = False
+    """The inputs are integer token ids (for models with an embedding), not float features (or a function
+    of the spec that says whether they are)."""
 
 
 DATASETS: Registry[DataEntry] = Registry("data")
@@ -278,7 +257,8 @@ def probe(spec: DataSpec) -> Tuple[str, int]:
 
 def token_ids(spec: DataSpec) -> bool:
     """Whether the dataset's inputs are integer token ids, which only models with an embedding can take."""
-    return DATASETS.get(spec.name).token_ids
+    tokens = DATASETS.get(spec.name).token_ids
+    return tokens(spec) if callable(tokens) else tokens
 
 
 def load(spec: DataSpec, cache_dir: Optional[Path] = None) -> Arrays:
@@ -289,10 +269,6 @@ def load(spec: DataSpec, cache_dir: Optional[Path] = None) -> Arrays:
 
 
 # --- loaders --------------------------------------------------------------------------------------
-
-
-def _absolute(path: str, base_dir: str) -> str:
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
 
 
 def digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
@@ -352,10 +328,27 @@ def _load_text(spec: TextSpec) -> Arrays:
     return Arrays(info, train, None, val, None, starts_train, starts_val, spec.seq_len)
 
 
+def _images(spec: ImagesSpec) -> Arrays:
+    from trainctl import images
+
+    return images.load(spec)
+
+
+def _custom(name: str) -> Any:
+    def call(spec: Any) -> Any:
+        from trainctl import custom_data
+
+        return getattr(custom_data, name)(spec)
+    return call
+
+
+DATASETS.add("custom", DataEntry(CustomDataSpec, _custom("probe"), _custom("load"), token_ids=_custom("tokens")))
+DATASETS.add("images", DataEntry(ImagesSpec, lambda s: ("classification", 3), _images))
 DATASETS.add("digits", DataEntry(DigitsSpec, lambda s: ("classification", 3), _load_digits))
 DATASETS.add("synthetic", DataEntry(SyntheticSpec, lambda s: (s.task, 1), _load_synthetic))
-DATASETS.add("csv", DataEntry(CsvSpec, csvfile.probe, csvfile.load))
+DATASETS.add("csv", DataEntry(CsvSpec, tables.probe, tables.load))
 DATASETS.add("text", DataEntry(TextSpec, lambda s: ("lm", 1), _load_text, token_ids=True))
 DATASETS.add("hf_text", DataEntry(HfTextSpec, lambda s: ("lm", 1), tokenized.load_text, cached=True, token_ids=True))
 DATASETS.add("hf_classification", DataEntry(HfClassificationSpec, lambda s: ("classification", 2),
                                             tokenized.load_classification, cached=True, token_ids=True))
+DATASETS.add("tokens", DataEntry(TokensSpec, lambda s: ("lm", 1), TokensSpec.load, cached=True, token_ids=True))

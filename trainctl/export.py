@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from trainctl.errors import ConfigError
+from trainctl.tables import ENCODING_FILE
 
 if TYPE_CHECKING:
     from torch import nn
@@ -59,6 +60,9 @@ def export_run(run: "Run", weights: Path, step: Optional[int], run_dir: Optional
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         files = _write(run, tmp, kind)
+        if run_dir is not None and (Path(run_dir) / ENCODING_FILE).is_file():  # data=csv: the table's encoding
+            shutil.copy2(Path(run_dir) / ENCODING_FILE, tmp / ENCODING_FILE)
+            files.append(ENCODING_FILE)
         saved_spec = _exported_spec(run, kind)
         (tmp / SPEC).write_text(saved_spec, encoding="utf-8")
         info = {"kind": kind, "source": str(weights), "step": step,
@@ -167,6 +171,8 @@ def load_exported(path: Path, overrides: List[str], base_dir: str) -> "Run":
     hf_whole = kind != "adapter" and info.get("model") == "hf"  # a save_pretrained directory: loads itself
     extra = [f"model.path={path.absolute()}"] if hf_whole else []
     spec = load_saved_spec(path / SPEC, [*extra, *overrides], base_dir, text=spec_text)
+    if getattr(spec.data, "encoding", "set") is None and (path / ENCODING_FILE).is_file():
+        spec.data.encoding = str((path / ENCODING_FILE).resolve())  # encode as the run did
     run = build_run(spec, base_dir=base_dir)
     if kind == "adapter":
         _load_adapter(run.model, path)

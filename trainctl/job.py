@@ -1,5 +1,6 @@
-"""One training job in its run directory: find what to resume from, build, write the resolved spec,
-train, summarise."""
+"""One training job in its run directory: find what to resume from, build, write the resolved spec (and a
+table's encoding, `data_encoding.json`), train, summarise; and the evaluation of saved weights on the
+validation or test split."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from trainctl.resume import check_changes, find_resume_source, load_saved_spec, 
 from trainctl.runner import Runner
 from trainctl.spec import RunSpec, spec_yaml
 from trainctl.state import RunState
+from trainctl.tables import ENCODING_FILE, check_test_split
 
 log = logging.getLogger("trainctl")
 
@@ -73,6 +75,8 @@ def _open_outputs(run: Run, source: Optional[Checkpoint], run_dir: Path) -> Metr
     def write() -> MetricsWriter:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", spec_yaml(spec))
+        if run.data.info.encoding is not None:  # data=csv: `trainctl eval` applies the same encoding
+            write_json(run_dir / ENCODING_FILE, run.data.info.encoding)
         continuing = source is not None or spec.checkpoint.resume == "auto"
         writer = MetricsWriter(run_dir, spec.logging.tensorboard,
                                resume_step=(source.step if source else 0) if continuing else None)
@@ -107,10 +111,12 @@ def _saved_weights(path: Path) -> Tuple[Path, Optional[Checkpoint], Optional[Pat
                       "pass outputs/DATE/TIME or outputs/DATE/TIME/checkpoints/best")
 
 
-def load_saved_run(path: Path, overrides: Sequence[str], base_dir: str
+def load_saved_run(path: Path, overrides: Sequence[str], base_dir: str, split: str = "val"
                    ) -> Tuple[Run, Path, Optional[Checkpoint], Optional[Path]]:
     """(run built from the saved spec with the saved weights loaded, the weights' path, the checkpoint or
-    None, the run directory or None) for a run directory, a checkpoint directory or an export."""
+    None, the run directory or None) for a run directory, a checkpoint directory or an export. A run's
+    `data_encoding.json` becomes its `data.encoding` (unless overridden). ``split="test"``: the spec must
+    have a test split (checked before anything is built)."""
     from trainctl.export import is_export, load_exported
 
     if is_export(path):
@@ -120,6 +126,9 @@ def load_saved_run(path: Path, overrides: Sequence[str], base_dir: str
     except CheckpointError as exc:
         raise ConfigError(None, str(exc)) from None
     spec = load_saved_spec(spec_file, overrides, base_dir, text=ckpt.spec_yaml if ckpt is not None else None)
+    if split == "test":
+        check_test_split(spec.data)
+    _use_saved_encoding(spec, run_dir)
     run = build_run(spec, base_dir=base_dir)
     weights = ckpt.weights if ckpt is not None else path / "model.safetensors"
     try:
@@ -143,11 +152,40 @@ def load_saved_run(path: Path, overrides: Sequence[str], base_dir: str
     return run, weights, ckpt, run_dir
 
 
-def evaluate_saved(path: Path, overrides: Sequence[str], base_dir: str) -> Dict[str, Any]:
-    """Evaluate a run's final weights, a checkpoint's or an export's on the validation split of its data."""
-    run, weights, ckpt, run_dir = load_saved_run(path, overrides, base_dir)
+def _use_saved_encoding(spec: RunSpec, run_dir: Optional[Path]) -> None:
+    """`data=csv`: apply the encoding the run was trained with (RUN_DIR/data_encoding.json) to whatever file
+    it is evaluated on, unless `data.encoding` is overridden. Runs from before the file existed refit it on
+    the same train split, which gives the same encoding for the same file."""
+    if run_dir is None or not hasattr(spec.data, "encoding") or spec.data.encoding is not None:
+        return
+    saved = run_dir / ENCODING_FILE
+    if saved.is_file():
+        spec.data.encoding = str(saved.resolve())
+
+
+def evaluate_saved(path: Path, overrides: Sequence[str], base_dir: str, split: str = "val") -> Dict[str, Any]:
+    """Evaluate a run's final weights, a checkpoint's or an export's on the validation split of its data, or
+    on its test split (`data=csv` with `data.test_fraction` or `data.test_path`)."""
+    run, weights, ckpt, run_dir = load_saved_run(path, overrides, base_dir, split)
     spec = run.spec
-    metrics = run.evaluator(run.model, run.data.val, run.precision.autocast)
-    return {"weights": str(weights.resolve()), "step": ckpt.step if ckpt else None,
-            "data": spec.data.name, "val_samples": run.data.info.n_val, "metrics": metrics,
-            "run_dir": str(run_dir) if run_dir else None}
+    batches, samples = (run.data.val, run.data.info.n_val) if split == "val" else _test_batches(run)
+    metrics = run.evaluator(run.model, batches, run.precision.autocast)
+    if split != "val":  # the evaluator names its metrics val/...
+        metrics = {f"{split}/{k[4:]}" if k.startswith("val/") else k: v for k, v in metrics.items()}
+    result = {"weights": str(weights.resolve()), "step": ckpt.step if ckpt else None,
+              "data": spec.data.name, "split": split, "samples": samples}
+    if split == "val":
+        result["val_samples"] = samples
+    return {**result, "metrics": metrics, "run_dir": str(run_dir) if run_dir else None}
+
+
+def _test_batches(run: Run) -> Tuple[Any, int]:
+    """The test split's batches, encoded as in training. Read only here: training never loads it."""
+    from trainctl.arrays import Arrays
+    from trainctl.batches import build_batches
+    from trainctl.tables import load_test
+
+    check_test_split(run.spec.data)
+    x, y = load_test(run.spec.data)
+    arrays = Arrays(run.data.info, x, y, x, y)
+    return build_batches(run.spec.data, arrays, run.device).val, len(y)

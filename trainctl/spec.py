@@ -65,6 +65,8 @@ class RunSpec:
     classes they name must still be nn.Module subclasses defined under one of these prefixes."""
 
     def resolve_paths(self, base_dir: str) -> None:
+        if self.data.name == "custom":  # its factory obeys the same prefixes as model targets
+            object.__setattr__(self.data, "_allowed_prefixes", list(self.allowed_target_prefixes))
         self.data.resolve_paths(base_dir)
         self.checkpoint.resolve_paths(base_dir)
         if not is_custom(self.model):

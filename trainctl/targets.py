@@ -151,6 +151,51 @@ def resolve(target: str, key: str, prefixes: Sequence[str], kind: type, base_dir
     return obj
 
 
+FACTORY_MARK = "__trainctl_dataset_factory__"
+"""Set by :func:`trainctl.datasets.dataset_factory` on the functions a config may call."""
+
+
+def resolve_factory(target: str, key: str, user_prefixes: Sequence[str], kind: type,
+                    base_dir: Optional[str] = None) -> Any:
+    """A data factory: a subclass of ``kind`` (a torch Dataset), or a function marked with
+    :func:`trainctl.datasets.dataset_factory`, defined under one of the user's prefixes (trainctl's and
+    torch's own modules are not: their functions write files). Marking is what lets a function through:
+    a path that reaches ``os.system`` or any other function is refused, whatever the prefixes say."""
+    prefixes = normalize_prefixes(user_prefixes, "allowed_target_prefixes")[len(BUILTIN_PREFIXES):]
+    if not prefixes:
+        module = target.rsplit(".", 1)[0] if isinstance(target, str) else "my_data"
+        raise ConfigError(key, "a dataset factory must come from a module you allow",
+                          f"allow it with allowed_target_prefixes=[{module}.]")
+    check_path(target, key, prefixes)
+    module_name, _, attr = target.rpartition(".")
+    if base_dir is not None and base_dir not in sys.path:
+        sys.path.insert(0, base_dir)
+    if not _find_module(module_name):  # a module of its own, not one reached through another's imports
+        raise ConfigError(key, f"cannot import '{target}': no module '{module_name}' can be found",
+                          "name a class or function of a module importable from this directory")
+    try:
+        owner = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module failed while importing
+        raise ConfigError(key, f"importing the module '{module_name}' failed: {type(exc).__name__}: {exc}",
+                          "fix that module, or check the module path") from None
+    obj = getattr(owner, attr, None)
+    if obj is None:
+        names = [n for n in dir(owner) if not n.startswith("_")]
+        raise ConfigError(key, f"'{module_name}' has no attribute '{attr}'.{suggestion(attr, names)}",
+                          "check the spelling")
+    home = getattr(obj, "__module__", "") or ""
+    if not _under(home, prefixes):
+        raise ConfigError(key, f"'{target}' is defined in '{home}', which is not under an allowed module prefix "
+                          f"({', '.join(prefixes)})", f"if you trust it, allow it with allowed_target_prefixes=[{home}.]")
+    if inspect.isclass(obj) and issubclass(obj, kind):
+        return obj
+    if inspect.isfunction(obj) and getattr(obj, FACTORY_MARK, False):
+        return obj
+    raise ConfigError(key, f"'{target}' is neither a torch Dataset class nor a function marked with "
+                      "@trainctl.datasets.dataset_factory", "decorate the function that builds your datasets "
+                      "with @dataset_factory (from trainctl.datasets import dataset_factory)")
+
+
 # --- building ----------------------------------------------------------------------------------------
 
 def _plain(node: Any) -> Any:

@@ -1,6 +1,6 @@
-"""`trainctl eval PATH [KEY=VALUE...] [--json] [-o FILE]`: evaluate a run's final weights or a
-checkpoint's on the validation split; print the result first, then write it (into the run directory only
-while no other process owns it)."""
+"""`trainctl eval PATH [KEY=VALUE...] [--split val|test] [--json] [-o FILE]`: evaluate a run's final
+weights or a checkpoint's on the validation split (or the test split of `data=csv`); print the result
+first, then write it (into the run directory only while no other process owns it)."""
 
 from __future__ import annotations
 
@@ -16,21 +16,25 @@ def main(argv: Sequence[str]) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="trainctl eval", description="Evaluate saved weights on the "
-                                     "validation split of the run's data (overrides such as data.path=... or "
-                                     "trainer.device=cpu apply).")
+                                     "validation split of the run's data, or its test split (overrides such as "
+                                     "data.path=... or trainer.device=cpu apply).")
     parser.add_argument("path", help="a run directory or a checkpoint directory")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE changes to the saved spec")
+    parser.add_argument("--split", choices=("val", "test"), default="val",
+                        help="the validation split (default) or the test split: data=csv with data.test_fraction, "
+                        "or data.test_path (which may be given here as an override)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("-o", "--output", help="write the result here (default: eval.json in the run "
-                        "directory, or eval-<checkpoint>.json for a checkpoint)")
-    args = parser.parse_args(argv)
+                        "directory, or eval-<checkpoint>.json for a checkpoint; eval-test... for the test split)")
+    args = parser.parse_intermixed_args(argv)  # options may come before, between or after the overrides
     from trainctl.job import evaluate_saved
 
     path = Path(args.path)
-    result = evaluate_saved(path, args.overrides, os.getcwd())
+    result = evaluate_saved(path, args.overrides, os.getcwd(), args.split)
     output = Path(args.output) if args.output else None
     if output is None and result["run_dir"]:
-        name = "eval.json" if result["step"] is None else f"eval-{path.absolute().name}.json"
+        prefix = "eval" if args.split == "val" else f"eval-{args.split}"
+        name = f"{prefix}.json" if result["step"] is None else f"{prefix}-{path.absolute().name}.json"
         output = Path(result["run_dir"]) / name
     if output is not None:
         result["output"] = str(output)
@@ -51,7 +55,8 @@ def _print_eval(result: dict, as_json: bool) -> None:
     table = Table(title=f"trainctl eval: {result['weights']}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("data", f"{result['data']} ({result['val_samples']} validation samples)")
+    split = "validation" if result["split"] == "val" else result["split"]
+    table.add_row("data", f"{result['data']} ({result['samples']} {split} samples)")
     if result["step"] is not None:
         table.add_row("step", str(result["step"]))
     for key, value in result["metrics"].items():

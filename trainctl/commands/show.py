@@ -20,7 +20,8 @@ def main(argv: Sequence[str]) -> None:
         return
     _, spec = config.compose_spec(argv, os.getcwd())
     console = Console()
-    console.print(Syntax(spec_yaml(spec), "yaml", theme="ansi_dark", background_color="default"))
+    # soft_wrap: a long path stays one line (copyable), whatever the terminal's width
+    console.print(Syntax(spec_yaml(spec), "yaml", theme="ansi_dark", background_color="default"), soft_wrap=True)
     console.print("options: " + " ".join(_chosen(spec)), soft_wrap=True)
     from trainctl.build import build_run
     from trainctl.plan import plan
