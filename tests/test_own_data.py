@@ -245,8 +245,9 @@ def test_image_data_errors_name_the_key(digit_images, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_of_augmented_images_with_workers_is_bitwise_exact(digit_images, tmp_path):
-    args = [*_images(digit_images / "folders", "data.augment=standard", "data.num_workers=2"),
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_then_resume_of_augmented_images_is_bitwise_exact(digit_images, tmp_path, workers):
+    args = [*_images(digit_images / "folders", "data.augment=standard", f"data.num_workers={workers}"),
             "trainer.max_epochs=3", "data.batch_size=32", "checkpoint.every_n_steps=10",
             "checkpoint.every_n_epochs=null"]
     _kill_and_resume(args, 23, 20, tmp_path)
