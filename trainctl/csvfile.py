@@ -95,6 +95,17 @@ def _header_cached(path: str, delimiter: Optional[str], mtime_ns: int, size: int
     return header, separator
 
 
+
+def sniff_delimiter(path: str, sample: str) -> str:
+    """Tab for .tsv/.tab files, else the separator the first 64 KiB suggest (comma when unclear)."""
+    if path.lower().endswith(TAB_SUFFIXES):
+        return "\t"
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+    except csv.Error:
+        return ","
+
+
 def _text_header(path: str, delimiter: Optional[str], key: str) -> Tuple[List[str], str]:
     name = Path(path).name
     try:
@@ -109,14 +120,7 @@ def _text_header(path: str, delimiter: Optional[str], key: str) -> Tuple[List[st
         raise _not_utf8(name, sample[exc.start], exc.start, key) from None
     if not decoded.strip():
         raise ConfigError(key, f"{path} is empty", f"point {key} at a CSV file with a header row")
-    if delimiter is None:
-        if path.lower().endswith(TAB_SUFFIXES):
-            delimiter = "\t"
-        else:
-            try:
-                delimiter = csv.Sniffer().sniff(decoded, delimiters=",;\t|").delimiter
-            except csv.Error:
-                delimiter = ","
+    delimiter = delimiter or sniff_delimiter(path, decoded)
     first = next(csv.reader(decoded.splitlines()[:1] or [""], delimiter=delimiter), [])
     return [h.strip() for h in first], delimiter
 
@@ -357,14 +361,7 @@ def _read_table_cached(path: str, delimiter: Optional[str], mtime_ns: int) -> Tu
         with open(path, newline="", encoding="utf-8-sig") as handle:
             sample = handle.read(64 * 1024)
             handle.seek(0)
-            if delimiter is None:
-                if path.lower().endswith(TAB_SUFFIXES):
-                    delimiter = "\t"
-                else:
-                    try:
-                        delimiter = csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
-                    except csv.Error:
-                        delimiter = ","
+            delimiter = delimiter or sniff_delimiter(path, sample)
             rows = [row for row in csv.reader(handle, delimiter=delimiter) if row]
     except UnicodeDecodeError as exc:
         raise _not_utf8(Path(path).name, exc.object[exc.start], exc.start) from None
