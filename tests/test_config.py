@@ -65,6 +65,7 @@ def _needs(group: str, option: str, tmp: Path, text: Path, csv: Path) -> list[st
         ("loss", "mse"): ["data=synthetic", "data.task=regression"],
         ("loss", "l1"): ["data=synthetic", "data.task=regression"],
         ("loss", "huber"): ["data=synthetic", "data.task=regression"],
+        ("loss", "smooth_l1"): ["data=synthetic", "data.task=regression"],
     }
     return extra.get((group, option), [])
 

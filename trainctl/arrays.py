@@ -5,7 +5,7 @@ split's statistics. NumPy only."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -32,6 +32,9 @@ class DataInfo:
     encoding: Optional[Dict[str, Any]] = field(default=None, compare=False)
     """How a table's columns became the inputs (`data=csv`, see :mod:`trainctl.tables`), fitted on the train
     split; the run writes it to RUN_DIR/data_encoding.json for `trainctl eval`."""
+    class_counts: Optional[Tuple[int, ...]] = field(default=None, compare=False)
+    """Classification: the training split's examples per class, where the labels are known when the data is
+    loaded (`loss.class_weights=auto` is computed from them); None for data read per batch (a user's Dataset)."""
 
 
 @dataclass
@@ -54,6 +57,16 @@ class Arrays:
     """Datasets that do not fit the arrays above (files read per batch, a user's Dataset): the train and
     validation :class:`trainctl.batches.Source` objects themselves; ``x_*``/``y_*`` are then unused."""
 
+
+def with_class_counts(arrays: Arrays) -> Arrays:
+    """``arrays`` with ``info.class_counts`` filled from the training labels held in memory (classification)."""
+    info = arrays.info
+    if info.task != "classification" or info.class_counts is not None or arrays.sources is not None \
+            or arrays.y_train is None:
+        return arrays
+    counts = np.bincount(np.asarray(arrays.y_train).reshape(-1), minlength=info.num_classes)
+    arrays.info = replace(info, class_counts=tuple(int(c) for c in counts))
+    return arrays
 
 
 def split_indices(n: int, val_fraction: float, seed: int, labels: Optional[np.ndarray] = None):

@@ -16,7 +16,7 @@ import numpy as np
 from omegaconf import MISSING
 
 from trainctl import csvfile, tables, tokenized
-from trainctl.arrays import Arrays, DataInfo, split_indices, tabular
+from trainctl.arrays import Arrays, DataInfo, split_indices, tabular, with_class_counts
 from trainctl.data_sources import CustomDataSpec, ImagesSpec, TokensSpec
 from trainctl.dataspec import DataSpec
 from trainctl.dataspec import absolute as _absolute
@@ -265,7 +265,7 @@ def load(spec: DataSpec, cache_dir: Optional[Path] = None) -> Arrays:
     """The dataset's arrays. ``cache_dir`` (normally `RUN_DIR/cache`) keeps what is slow to compute, for
     the datasets that have such work (tokenising); others ignore it."""
     entry = DATASETS.get(spec.name)
-    return entry.load(spec, cache_dir) if entry.cached else entry.load(spec)
+    return with_class_counts(entry.load(spec, cache_dir) if entry.cached else entry.load(spec))
 
 
 # --- loaders --------------------------------------------------------------------------------------

@@ -208,7 +208,8 @@ def load(spec: "ImagesSpec") -> Arrays:
     train = source(paths, labels, spec.image_size, channels, mean, std, spec.augment, spec.seed)
     val = source(val_paths, val_labels, spec.image_size, channels, mean, std, "none", spec.seed)
     info = DataInfo("classification", (channels, spec.image_size, spec.image_size), num_classes=len(names),
-                    n_train=len(paths), n_val=len(val_paths), class_names=tuple(names))
+                    n_train=len(paths), n_val=len(val_paths), class_names=tuple(names),
+                    class_counts=tuple(int(c) for c in np.bincount(labels, minlength=len(names))))
     log.info("data=images: %d train / %d validation images, %d classes, %dx%dx%d, augment=%s", len(paths),
              len(val_paths), len(names), channels, spec.image_size, spec.image_size, spec.augment)
     empty = np.zeros((0,), dtype=np.float32)
