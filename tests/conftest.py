@@ -34,6 +34,25 @@ def trainctl(args: List[str], cwd: Path, timeout: float = 300, env: dict | None 
                           timeout=timeout, env=full_env)
 
 
+def stop_then_resume(monkeypatch, args: Sequence[str], run_dir: Path, base_dir: str, stop_step: int) -> None:
+    """Train ``args`` in-process, stopped as by a signal after optimizer step ``stop_step``, then resumed
+    in the same run directory with `checkpoint.resume=auto`."""
+    from trainctl.job import train
+    from trainctl.runner import Runner
+
+    stop_at = {"step": stop_step}
+    step = Runner.train_step
+
+    def interrupted(self, window):
+        step(self, window)
+        if self.state.step == stop_at["step"]:
+            stop_at["step"] = -1
+            self.state.request_stop("interrupted")
+    monkeypatch.setattr(Runner, "train_step", interrupted)
+    train(compose(args), run_dir, base_dir)
+    train(compose([*args, "checkpoint.resume=auto"]), run_dir, base_dir)
+
+
 def run_then_signal(args: List[str], run_dir: Path, cwd: Path, sig: int, after_lines: int) -> subprocess.Popen:
     """Start `trainctl run ARGS hydra.run.dir=RUN_DIR`, send ``sig`` once metrics.jsonl has more than
     ``after_lines`` records, and wait for the process to end."""

@@ -13,7 +13,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from conftest import REPO, build, compose
+from conftest import REPO, build, compose, stop_then_resume
 from trainctl.batches import windows_of
 from trainctl.callbacks import HOOKS, Callback
 from trainctl.errors import ConfigError
@@ -249,17 +249,7 @@ def test_a_transform_changes_training_only_and_resumes_exactly(tmp_path, monkeyp
     a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("reference", "plain"))
     assert any(not torch.equal(a[k], b[k]) for k in a), "the noise reached the training batches"
 
-    stop_at = {"step": 6}
-    step = Runner.train_step
-
-    def interrupted(self, window):
-        step(self, window)
-        if self.state.step == stop_at["step"]:
-            stop_at["step"] = -1
-            self.state.request_stop("interrupted")
-    monkeypatch.setattr(Runner, "train_step", interrupted)
-    train(compose(args), tmp_path / "run", str(tmp_path))
-    train(compose([*args, "checkpoint.resume=auto"]), tmp_path / "run", str(tmp_path))
+    stop_then_resume(monkeypatch, args, tmp_path / "run", str(tmp_path), 6)
     a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("reference", "run"))
     assert all(torch.equal(a[k], b[k]) for k in a), "the noise drawn after a resume is the noise of the whole run"
 

@@ -1,6 +1,7 @@
 """The `model` config group: built-in networks (mlp, cnn, gpt), Hugging Face models from a local
 directory (hf) and user models through `_target_`. Every model can start from saved weights
-(`model.init_from`, see :mod:`trainctl.pretrained`).
+(`model.init_from`, see :mod:`trainctl.pretrained`); the built-in ones can be re-initialised by a scheme
+(`model.init`, see :mod:`trainctl.initialization`) before that.
 
 Specs and checks are torch-free; :func:`build_model` imports the network it builds. A custom model is
 built by :mod:`trainctl.targets`: every `_target_` in it must resolve to an ``nn.Module`` class defined
@@ -18,6 +19,7 @@ from omegaconf import MISSING, DictConfig
 
 from trainctl import targets
 from trainctl.errors import ConfigError, check, check_choice
+from trainctl.initialization import SCHEMES, initialize
 from trainctl.registry import Registry
 
 if TYPE_CHECKING:
@@ -43,10 +45,23 @@ class ModelSpec:
     init_strict: bool = True
     """Every tensor of `init_from` must fit the model exactly; false loads what fits (same name and shape)
     and reports the rest (e.g. a new classification head)."""
+    init: str = "default"
+    """Initialisation of the built-in models' Linear/Conv weights (biases set to zero, norm layers kept):
+    default (the model's own), xavier_uniform, xavier_normal, kaiming_uniform, kaiming_normal (fan_in,
+    gain from `model.activation`), orthogonal, normal (N(0, init_std), embeddings too). `init_from`
+    weights replace it."""
+    init_std: float = 0.02
+    """Standard deviation of `model.init=normal`."""
+    init_gain: float = 1.0
+    """Scale of `model.init=xavier_*` and `orthogonal` (torch.nn.init's `gain`)."""
 
     def validate_init(self, key: str) -> None:
         if self.init_from is not None:
             check(self.init_from.strip() != "", f"{key}.init_from", "is empty", f"set {key}.init_from=null")
+        check_choice(self.init, SCHEMES, f"{key}.init")
+        check(self.init_std > 0, f"{key}.init_std", f"must be > 0 (got {self.init_std})", f"set {key}.init_std=0.02")
+        check(self.init_gain > 0, f"{key}.init_gain", f"must be > 0 (got {self.init_gain})",
+              f"set {key}.init_gain=1.0")
 
     def resolve_paths(self, base_dir: str) -> None:
         if self.init_from is not None:
@@ -131,10 +146,18 @@ class GPTSpec(ModelSpec):
     """Share the token embedding with the output head."""
     max_seq_len: Optional[int] = None
     """Longest sequence the position embedding covers; null uses `data.seq_len`."""
+    drop_path: float = 0.0
+    """Stochastic depth: the rate at which the last block's attention and MLP branches are skipped, per
+    sample, in training; block l of L gets drop_path * l/(L-1), the first none (timm's convention)."""
 
     def validate(self, key: str = "model") -> None:
         self.validate_init(key)
         check(self.n_layer >= 1, f"{key}.n_layer", "must be >= 1", f"set {key}.n_layer=4")
+        check(0.0 <= self.drop_path < 1.0, f"{key}.drop_path", f"must be in [0, 1) (got {self.drop_path})",
+              f"set {key}.drop_path=0.1")
+        check(self.drop_path == 0 or self.n_layer >= 2, f"{key}.drop_path",
+              f"has no effect with {key}.n_layer=1: the first block is never dropped",
+              f"set {key}.n_layer=2 or more, or {key}.drop_path=0")
         check(self.n_head >= 1 and self.d_model % self.n_head == 0, f"{key}.n_head",
               f"must divide model.d_model={self.d_model}", f"set {key}.n_head=4 and {key}.d_model=128")
         _check_dropout(self.dropout, f"{key}.dropout")
@@ -163,6 +186,9 @@ class HFSpec(ModelSpec):
 
     def validate(self, key: str = "model") -> None:
         self.validate_init(key)
+        check(self.init == "default", f"{key}.init",
+              f"re-initialising a Hugging Face model would discard the weights in {key}.path",
+              f"set {key}.init=default")
         check_choice(self.task, HF_TASKS, f"{key}.task")
         path = Path(self.path)
         check(path.is_dir(), f"{key}.path", f"{self.path} is not a directory",
@@ -219,7 +245,7 @@ def _build_gpt(spec: GPTSpec, info: "DataInfo", out_features: int) -> "nn.Module
         raise ConfigError("model.max_seq_len", f"{seq_len} is shorter than data.seq_len={info.input_shape[0]}",
                           "set model.max_seq_len=null")
     return GPT(info.vocab_size, seq_len, spec.n_layer, spec.n_head, spec.d_model, spec.dropout, spec.bias,
-               spec.tie_weights)
+               spec.tie_weights, spec.drop_path)
 
 
 def _build_hf(spec: HFSpec, info: "DataInfo", out_features: int) -> "nn.Module":
@@ -293,9 +319,14 @@ def with_dropout(spec: Any, p: Optional[float]) -> Any:
 
 def build_model(spec: Any, info: "DataInfo", out_features: int, base_dir: str,
                 allowed_prefixes: Sequence[str] = ()) -> "nn.Module":
-    if not is_custom(spec):
-        return MODELS.get(spec.name).build(spec, info, out_features)
-    return _build_custom(spec, info, out_features, base_dir, allowed_prefixes)
+    """The network of ``spec``; a built-in one gets its `model.init` scheme (before any `init_from`)."""
+    if is_custom(spec):
+        return _build_custom(spec, info, out_features, base_dir, allowed_prefixes)
+    model = MODELS.get(spec.name).build(spec, info, out_features)
+    if spec.init != "default":
+        # The GPT's only activation is GELU, which kaiming treats as relu.
+        initialize(model, spec.init, spec.init_std, spec.init_gain, getattr(spec, "activation", "gelu"))
+    return model
 
 
 def _build_custom(spec: Mapping, info: "DataInfo", out_features: int, base_dir: str,

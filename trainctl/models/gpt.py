@@ -1,4 +1,5 @@
-"""A small decoder-only transformer (pre-norm, causal self-attention through SDPA)."""
+"""A small decoder-only transformer (pre-norm, causal self-attention through SDPA), with optional
+stochastic depth on its residual branches."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainctl.models import dropout
+from trainctl.models import drop_path, drop_path_rates, dropout
 
 
 class CausalSelfAttention(nn.Module):
@@ -29,30 +30,35 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_head: int, dropout_p: float, bias: bool) -> None:
+    def __init__(self, d_model: int, n_head: int, dropout_p: float, bias: bool, drop_path_p: float = 0.0) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model, bias=bias)
         self.attn = CausalSelfAttention(d_model, n_head, dropout_p, bias)
         self.ln2 = nn.LayerNorm(d_model, bias=bias)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model, bias=bias), nn.GELU(),
                                  nn.Linear(4 * d_model, d_model, bias=bias), dropout(dropout_p))
+        self.drop_path = drop_path(drop_path_p)  # one module, a fresh mask for each branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        x = x + self.drop_path(self.attn(self.ln1(x)))
+        return x + self.drop_path(self.mlp(self.ln2(x)))
 
 
 class GPT(nn.Module):
-    """Token + learned position embeddings, ``n_layer`` blocks, final norm, a (tied) vocabulary head."""
+    """Token + learned position embeddings, ``n_layer`` blocks, final norm, a (tied) vocabulary head.
+    ``drop_path_rate`` is the stochastic-depth rate of the last block; block l of L (from 0) gets
+    ``drop_path_rate * l / (L-1)``."""
 
     def __init__(self, vocab_size: int, max_seq_len: int, n_layer: int = 4, n_head: int = 4, d_model: int = 128,
-                 dropout_p: float = 0.0, bias: bool = True, tie_weights: bool = True) -> None:
+                 dropout_p: float = 0.0, bias: bool = True, tie_weights: bool = True,
+                 drop_path_rate: float = 0.0) -> None:
         super().__init__()
         self.max_seq_len = max_seq_len
         self.tok_embed = nn.Embedding(vocab_size, d_model)
         self.pos_embed = nn.Embedding(max_seq_len, d_model)
         self.embed_dropout = dropout(dropout_p)
-        self.blocks = nn.ModuleList(Block(d_model, n_head, dropout_p, bias) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(d_model, n_head, dropout_p, bias, rate)
+                                    for rate in drop_path_rates(drop_path_rate, n_layer))
         self.ln_f = nn.LayerNorm(d_model, bias=bias)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.apply(self._init_weights)
