@@ -109,3 +109,11 @@ class TokenDropout(Transform):
 
 TRANSFORMS.add("token_dropout", TransformEntry(TokenDropoutSpec, lambda spec, info: TokenDropout(spec.p, info.vocab_size),
                                                ("lm",)))
+
+
+# --- mixup and cutmix (trainctl.mixing imports nothing of this module) --------------------------------
+
+from trainctl.mixing import CutmixSpec, MixupSpec, build_mix  # noqa: E402
+
+TRANSFORMS.add("mixup", TransformEntry(MixupSpec, build_mix("mixup"), ("classification",)))
+TRANSFORMS.add("cutmix", TransformEntry(CutmixSpec, build_mix("cutmix"), ("classification",)))
