@@ -1,216 +1,28 @@
 """The `optimizer` config group: a registry of optimizers from torch.optim and pytorch-optimizer.
 
-Each option is a spec dataclass whose fields (besides `name`, `lr`, `lr_multipliers`) are the
-optimizer's own keyword arguments. Weight decay comes per parameter group from the regularization
-group; this module adds per-name learning-rate multipliers and, for Muon, the hidden-matrix split.
+Each option is a spec dataclass (:mod:`trainctl.optim_specs`) whose fields are the optimizer's own
+keyword arguments. Weight decay comes per parameter group from the regularization group; this module
+adds per-name learning-rate multipliers and, for Muon, the hidden-matrix split (L-BFGS: one group).
+Checkpointed optimizer state is handled in :mod:`trainctl.optim_state`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
-from omegaconf import MISSING
-
 from trainctl.errors import ConfigError, check
+from trainctl.optim_state import (RUNNING_GROUP_KEYS, check_optimizer_state,  # noqa: F401 (re-exported)
+                                  load_optimizer_state, optimizer_settings)
+from trainctl.optim_specs import (AdafactorSpec, AdagradSpec, AdamSpec, AdamWSpec, AdEMAMixSpec,  # noqa: F401
+                                  LambSpec, LARSSpec, LBFGSSpec, LionSpec, MuonSpec, OptimizerSpec, ProdigySpec,
+                                  RMSpropSpec, ScheduleFreeAdamWSpec, SGDSpec, ShampooSpec, SOAPSpec)
 from trainctl.registry import Registry
 
 if TYPE_CHECKING:
     import torch
-
-
-@dataclass
-class OptimizerSpec:
-    """Fields every optimizer shares."""
-
-    name: str = MISSING
-    """Optimizer; the option picked with `optimizer=NAME`."""
-    lr: float = 1e-3
-    """Peak learning rate (the scheduler scales it)."""
-    lr_multipliers: Dict[str, float] = field(default_factory=dict)
-    """Learning-rate factor per parameter-name pattern, first match wins, e.g. {'head.*': 10.0}."""
-
-    NOT_KWARGS = ("name", "lr", "lr_multipliers")
-
-    def kwargs(self) -> Dict[str, Any]:
-        """The optimizer constructor's keyword arguments held by this spec."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if f.name not in self.NOT_KWARGS}
-
-    def validate(self, key: str = "optimizer") -> None:
-        check(self.lr > 0, f"{key}.lr", f"must be > 0 (got {self.lr})", f"set {key}.lr=1e-3")
-        for pattern, factor in self.lr_multipliers.items():
-            check(factor >= 0, f"{key}.lr_multipliers", f"factor for '{pattern}' must be >= 0 (got {factor})")
-        for name in ("betas", "adamw_betas"):
-            betas = getattr(self, name, None)
-            if betas is not None:
-                check(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), f"{key}.{name}",
-                      f"needs two values in [0, 1) (got {list(betas)})", f"set {key}.{name}=[0.9,0.999]")
-        for name in ("momentum", "eps", "alpha", "dampening"):
-            value = getattr(self, name, None)
-            if isinstance(value, (int, float)):
-                check(value >= 0, f"{key}.{name}", f"must be >= 0 (got {value})", f"set {key}.{name}=0")
-
-
-def _plain(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-@dataclass
-class SGDSpec(OptimizerSpec):
-    """Stochastic gradient descent with (Nesterov) momentum."""
-
-    name: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    """Momentum factor; 0 is plain SGD."""
-    nesterov: bool = False
-    """Nesterov momentum (needs momentum > 0 and dampening 0)."""
-    dampening: float = 0.0
-    """Dampening of the momentum update."""
-
-    def validate(self, key: str = "optimizer") -> None:
-        super().validate(key)
-        check(not self.nesterov or (self.momentum > 0 and self.dampening == 0), f"{key}.nesterov",
-              "Nesterov momentum needs momentum > 0 and dampening 0", f"set {key}.momentum=0.9 {key}.dampening=0")
-
-
-@dataclass
-class AdagradSpec(OptimizerSpec):
-    """Adagrad: per-coordinate steps shrinking with the accumulated squared gradients."""
-
-    name: str = "adagrad"
-    lr: float = 0.01
-    lr_decay: float = 0.0
-    """Learning-rate decay per step."""
-    eps: float = 1e-10
-    initial_accumulator_value: float = 0.0
-
-
-@dataclass
-class RMSpropSpec(OptimizerSpec):
-    """RMSprop: steps scaled by a moving average of squared gradients."""
-
-    name: str = "rmsprop"
-    lr: float = 1e-3
-    alpha: float = 0.99
-    """Smoothing constant of the squared-gradient average."""
-    eps: float = 1e-8
-    momentum: float = 0.0
-    centered: bool = False
-    """Normalise by the gradient's estimated variance instead of its second moment."""
-
-
-@dataclass
-class AdamSpec(OptimizerSpec):
-    """Adam (weight decay, if any, is added to the gradient as an L2 penalty)."""
-
-    name: str = "adam"
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    """Decay rates of the first and second moment estimates."""
-    eps: float = 1e-8
-    amsgrad: bool = False
-    """Use the maximum of past second moments (AMSGrad)."""
-
-
-@dataclass
-class AdamWSpec(AdamSpec):
-    """AdamW: Adam with decoupled weight decay."""
-
-    name: str = "adamw"
-
-
-@dataclass
-class LionSpec(OptimizerSpec):
-    """Lion: sign-of-momentum updates (use a 3-10x smaller lr than AdamW)."""
-
-    name: str = "lion"
-    lr: float = 1e-4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
-    """Interpolation (beta1) and momentum (beta2) factors."""
-
-
-@dataclass
-class LambSpec(OptimizerSpec):
-    """LAMB: Adam with a layer-wise trust ratio, for large batches."""
-
-    name: str = "lamb"
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-6
-
-
-@dataclass
-class LARSSpec(OptimizerSpec):
-    """LARS: SGD with momentum and a layer-wise trust ratio, for large batches."""
-
-    name: str = "lars"
-    lr: float = 0.1
-    momentum: float = 0.9
-    trust_coefficient: float = 1e-3
-    """Scale of the layer-wise trust ratio."""
-    nesterov: bool = False
-    dampening: float = 0.0
-
-
-@dataclass
-class MuonSpec(OptimizerSpec):
-    """Muon: orthogonalised momentum for hidden weight matrices; AdamW for everything else."""
-
-    name: str = "muon"
-    lr: float = 0.02
-    """Learning rate of the Muon (hidden matrix) groups."""
-    momentum: float = 0.95
-    nesterov: bool = True
-    ns_steps: int = 5
-    """Newton-Schulz iterations per step."""
-    adamw_lr: float = 3e-4
-    """Learning rate of the AdamW groups (embeddings, head, biases, norms)."""
-    adamw_betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    adamw_eps: float = 1e-10
-    adamw_patterns: List[str] = field(default_factory=lambda: ["*embed*", "head.*", "head"])
-    """Parameter-name patterns kept on AdamW even when they are matrices."""
-
-    NOT_KWARGS = OptimizerSpec.NOT_KWARGS + ("adamw_patterns",)
-
-    def validate(self, key: str = "optimizer") -> None:
-        super().validate(key)
-        check(self.adamw_lr > 0, f"{key}.adamw_lr", "must be > 0", f"set {key}.adamw_lr=3e-4")
-        check(self.ns_steps >= 1, f"{key}.ns_steps", "must be >= 1", f"set {key}.ns_steps=5")
-
-
-@dataclass
-class AdafactorSpec(OptimizerSpec):
-    """Adafactor: factored second moments, memory-light (torch.optim.Adafactor)."""
-
-    name: str = "adafactor"
-    lr: float = 1e-2
-    beta2_decay: float = -0.8
-    """Exponent of the second-moment decay schedule."""
-    eps: List[Optional[float]] = field(default_factory=lambda: [None, 1e-3])
-    """(epsilon1, epsilon2): null epsilon1 picks one from the dtype."""
-    d: float = 1.0
-    """Clipping threshold of the update's RMS."""
-
-    def validate(self, key: str = "optimizer") -> None:
-        super().validate(key)
-        check(self.d >= 1, f"{key}.d", f"must be >= 1 (got {self.d})", f"set {key}.d=1.0")
-        check(self.beta2_decay <= 0, f"{key}.beta2_decay", f"must be <= 0 (got {self.beta2_decay})",
-              f"set {key}.beta2_decay=-0.8")
-
-
-@dataclass
-class ScheduleFreeAdamWSpec(OptimizerSpec):
-    """Schedule-free AdamW: iterate averaging instead of a decay schedule (use scheduler=constant)."""
-
-    name: str = "schedulefree_adamw"
-    lr: float = 2.5e-3
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    """The optimizer's own linear warmup."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +34,8 @@ class OptimInfo:
     """The optimizer has train()/eval() modes that must follow the model's (schedule-free)."""
     split: Optional[Callable[[Any, List[dict]], List[dict]]] = None
     """Re-splits the parameter groups before construction (Muon's matrix/non-matrix groups)."""
+    closure: bool = False
+    """``step(closure)`` re-evaluates the loss and gradients several times per step (L-BFGS)."""
 
 
 def _split_muon(spec: MuonSpec, groups: List[dict]) -> List[dict]:
@@ -237,6 +51,15 @@ def _split_muon(spec: MuonSpec, groups: List[dict]) -> List[dict]:
     return out
 
 
+def _one_group(spec: LBFGSSpec, groups: List[dict]) -> List[dict]:
+    decayed = [g for g in groups if g["weight_decay"]]
+    if decayed:
+        raise ConfigError("regularization.weight_decay", f"optimizer={spec.name} has no weight decay "
+                          f"(got {decayed[0]['weight_decay']})", "set regularization.weight_decay=0")
+    return [{"names": [n for g in groups for n in g["names"]], "params": [p for g in groups for p in g["params"]],
+             "lr_scale": 1.0}]
+
+
 OPTIMIZERS: Registry[OptimInfo] = Registry("optimizer")
 OPTIMIZERS.add("sgd", OptimInfo(SGDSpec, "torch.optim:SGD"))
 OPTIMIZERS.add("adagrad", OptimInfo(AdagradSpec, "torch.optim:Adagrad"))
@@ -250,6 +73,11 @@ OPTIMIZERS.add("lars", OptimInfo(LARSSpec, "pytorch_optimizer:LARS"))
 OPTIMIZERS.add("muon", OptimInfo(MuonSpec, "pytorch_optimizer:Muon", split=_split_muon))
 OPTIMIZERS.add("schedulefree_adamw", OptimInfo(ScheduleFreeAdamWSpec, "pytorch_optimizer:ScheduleFreeAdamW",
                                                train_eval=True))
+OPTIMIZERS.add("shampoo", OptimInfo(ShampooSpec, "pytorch_optimizer:Shampoo"))
+OPTIMIZERS.add("soap", OptimInfo(SOAPSpec, "pytorch_optimizer:SOAP"))
+OPTIMIZERS.add("prodigy", OptimInfo(ProdigySpec, "pytorch_optimizer:Prodigy"))
+OPTIMIZERS.add("ademamix", OptimInfo(AdEMAMixSpec, "pytorch_optimizer:AdEMAMix"))
+OPTIMIZERS.add("lbfgs", OptimInfo(LBFGSSpec, "torch.optim:LBFGS", split=_one_group, closure=True))
 
 
 def _import(target: str) -> Any:
@@ -319,55 +147,53 @@ def has_train_eval_modes(spec: OptimizerSpec) -> bool:
     return OPTIMIZERS.get(spec.name).train_eval
 
 
-RUNNING_GROUP_KEYS = frozenset({"lr", "train_mode", "weight_sum", "lr_max", "k", "step"})
-"""Param-group entries that are running state (schedule-free averaging, step counters), not settings."""
+def takes_closure(optimizer: Any) -> bool:
+    """Whether the built optimizer's step re-evaluates the loss through a closure (L-BFGS)."""
+    return type(optimizer).__name__ in _CLOSURE_CLASSES
 
 
-def optimizer_settings(optimizer: "torch.optim.Optimizer") -> List[Dict[str, Any]]:
-    """The hyperparameters of every parameter group (everything but the parameters)."""
-    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+_CLOSURE_CLASSES = frozenset(info.target.rpartition(":")[2] for _, info in OPTIMIZERS.items() if info.closure)
 
 
-def check_optimizer_state(optimizer: "torch.optim.Optimizer") -> None:
-    """Every state tensor of a parameter must have the parameter's shape, or a factored one (each
-    dimension equal or 1, as Adafactor keeps); a state saved for another model raises ValueError here
-    instead of failing at the first step."""
-    import torch
-
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            for key, value in optimizer.state.get(param, {}).items():
-                if not isinstance(value, torch.Tensor) or value.ndim == 0:
-                    continue
-                if value.ndim != param.ndim or any(a not in (b, 1) for a, b in zip(value.shape, param.shape)):
-                    raise ValueError(f"the optimizer state '{key}' has shape {tuple(value.shape)} for a parameter "
-                                     f"of shape {tuple(param.shape)}")
-
-
-def load_optimizer_state(optimizer: "torch.optim.Optimizer", scheduler: Any, saved_optimizer: Optional[Dict[str, Any]],
-                         saved_scheduler: Dict[str, Any], new_settings: bool = False,
-                         fresh: Optional[List[Dict[str, Any]]] = None) -> None:
-    """Restore optimizer and schedule state from a checkpoint (exactly). With ``new_settings`` (the
-    optimizer or regularization settings were changed for the resumed run), the current spec's
-    hyperparameters replace the saved ones: a changed peak lr scales the current (scheduled) lr, and
-    other settings (betas, momentum, weight decay) apply from the next step.
-
-    ``saved_optimizer`` None: the optimizer state is loaded already (a sharded checkpoint), and
-    ``fresh`` holds the settings it had before."""
-    fresh = fresh or optimizer_settings(optimizer)
-    if saved_optimizer is not None:
-        optimizer.load_state_dict(saved_optimizer)
-    check_optimizer_state(optimizer)
-    scheduler.load_state_dict(saved_scheduler)
-    if not new_settings:
+def check_closure_fits(optimizer: str, *, fp16: bool, clipping: bool, wrappers: List[str], processes: int,
+                       unfreezes: bool) -> None:
+    """An optimizer that re-evaluates the loss within its step gets plain gradients of the window's loss at
+    every evaluation, so nothing may change the first one alone, and every process must take the same
+    iterations. Raises ConfigError naming what does not fit."""
+    if not OPTIMIZERS.get(optimizer).closure:
         return
-    for group, new in zip(optimizer.param_groups, fresh):
-        old_peak, new_peak = group.get("initial_lr", group["lr"]), new.get("initial_lr", new["lr"])
-        if old_peak != new_peak and old_peak:
-            group["lr"] = group["lr"] * new_peak / old_peak
-        for key, value in new.items():
-            if key not in RUNNING_GROUP_KEYS:
-                group[key] = value
-    inner = getattr(scheduler, "scheduler", scheduler)
-    if hasattr(inner, "base_lrs"):
-        inner.base_lrs = [new.get("initial_lr", new["lr"]) for new in fresh]
+    why = f"optimizer={optimizer} re-evaluates the loss and gradients several times per step"
+    check(not fp16, "precision", f"{why}; fp16's loss scaler unscales a step's gradients once",
+          "set precision=bf16 (or fp32)")
+    check(not clipping, "regularization.max_grad_norm", f"{why}; only the first gradient would be clipped",
+          "set regularization.max_grad_norm=null regularization.clip_value=null")
+    check(not wrappers, "optimizer", f"{why}; {', '.join(wrappers)} would change only the first gradient",
+          f"turn {', '.join(wrappers)} off, or pick another optimizer")
+    check(processes == 1, "parallelism", f"{why}; its iteration count depends on each process's own loss, so "
+          "processes would fall out of step", "train with one process (parallelism=single)")
+    check(not unfreezes, "peft.unfreeze_at", f"{why} over one fixed parameter group; unfrozen modules "
+          "would not be trained", "list those modules in peft.trainable from the start")
+
+
+def step_closure(run: Any, window_loss: "torch.Tensor", terms: int, forward_backward: Callable[[], "torch.Tensor"]
+                 ) -> Optional[Callable[[], "torch.Tensor"]]:
+    """For an optimizer that re-evaluates the loss within its step (L-BFGS): a closure returning the
+    window's mean loss with its gradients in ``p.grad``; None for the others. Its first evaluation is at
+    the weights the window's forward/backward just used, so it returns ``window_loss / terms`` and keeps
+    those gradients; later ones zero the gradients and run ``forward_backward()`` (the window's loss sum)
+    at the optimizer's trial weights."""
+    optimizer = run.optimizer
+    if not takes_closure(optimizer):
+        return None
+    check_closure_fits(run.spec.optimizer.name, fp16=run.precision.scales_loss, clipping=run.clipper.active,
+                       wrappers=[w.name for w in run.step_wrappers], processes=run.world_size,
+                       unfreezes=run.unfreezer is not None)
+    evaluations = [window_loss]
+
+    def closure() -> "torch.Tensor":
+        if evaluations:
+            return evaluations.pop() / terms
+        optimizer.zero_grad(set_to_none=True)
+        return forward_backward() / terms
+    return closure
+

@@ -103,15 +103,20 @@ class Precision:
 
     def step(self, optimizer: "torch.optim.Optimizer", clip: Callable[[], Optional["torch.Tensor"]],
              guard: Optional[Callable[[Optional["torch.Tensor"]], bool]] = None,
-             before: Optional[Callable[[], None]] = None) -> Tuple[Optional["torch.Tensor"], bool]:
+             before: Optional[Callable[[], None]] = None,
+             closure: Optional[Callable[[], "torch.Tensor"]] = None) -> Tuple[Optional["torch.Tensor"], bool]:
         """``before()`` (callbacks and step wrappers see the gradients), clip, then step unless
-        ``guard(norm)`` says no. Returns (pre-clip grad norm or None, stepped)."""
+        ``guard(norm)`` says no; ``closure`` re-evaluates the loss for optimizers that step with one
+        (L-BFGS). Returns (pre-clip grad norm or None, stepped)."""
         if before is not None:
             before()
         norm = clip()
         if guard is not None and not guard(norm):
             return norm, False
-        optimizer.step()
+        if closure is not None:
+            optimizer.step(closure)
+        else:
+            optimizer.step()
         return norm, True
 
     def log_values(self) -> Dict[str, float]:
@@ -153,7 +158,10 @@ class ScaledPrecision(AutocastPrecision):
     def backward(self, loss: "torch.Tensor") -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, optimizer, clip, guard=None, before=None):
+    def step(self, optimizer, clip, guard=None, before=None, closure=None):
+        if closure is not None:
+            raise ConfigError("precision", "the optimizer re-evaluates the loss within its step, and fp16's "
+                              "loss scaler unscales a step's gradients once", "set precision=bf16 (or fp32)")
         scaler = self.scaler
         scaler.unscale_(optimizer)  # callbacks, wrappers, clipping and the guard see the true gradients
         if before is not None:

@@ -31,6 +31,7 @@ from trainctl.checkpointing import snapshot
 from trainctl.console import Display
 from trainctl.files import write_json
 from trainctl.metrics import MetricsWriter
+from trainctl.optim import step_closure
 from trainctl.state import RunState
 
 if TYPE_CHECKING:
@@ -117,7 +118,9 @@ class Runner:
         guard = self._finite_guard(window_loss) if run.skip_nonfinite else None
         before = self._before_optimizer_step(window, terms) if (run.step_wrappers or self.hooks[
             "on_before_optimizer_step"]) else None
-        grad_norm, stepped = run.precision.step(run.optimizer, run.clipper, guard, before)
+        # None except for optimizers that re-evaluate the window's loss within their step (L-BFGS)
+        closure = step_closure(run, window_loss, terms, lambda: self._forward_backward(window, terms))
+        grad_norm, stepped = run.precision.step(run.optimizer, run.clipper, guard, before, closure)
         if stepped:
             run.scheduler.step()
         else:  # the schedule keeps counting steps; torch warns when it moves before any optimizer step
