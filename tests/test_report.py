@@ -169,7 +169,8 @@ def test_curves_lr_and_heatmap_figures(sweep):
 
     report = build_report(find_runs([str(sweep)]))
     val_ax, loss_ax = plots.curves_figure(report).axes
-    assert len(val_ax.get_lines()) == 3 and len(loss_ax.get_lines()) == 3, "one line per run with data"
+    assert len(val_ax.get_lines()) == 3, "one line per run with data"
+    assert len(loss_ax.get_lines()) == 6, "val/loss (solid) and train/loss (dashed) of each run"
     best_line = val_ax.get_lines()[0]
     assert list(best_line.get_ydata()) == [0.90, 0.95, 0.93] and best_line.get_linewidth() > 2
     assert len(plots.lr_figure(report).axes[0].get_lines()) == 3

@@ -177,7 +177,9 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
     monitors = Monitors()
     monitor = monitors.get(spec.monitor(task), spec.monitor_mode(task))
     meter = TrainMeter(spec.logging.log_every_n_steps, device, tokens=task == "lm",
-                       memory=lambda: peak_memory_mib(device), flops_per_sample=flops, peak_tflops=peak, dist=dist)
+                       memory=lambda: peak_memory_mib(device), flops_per_sample=flops, peak_tflops=peak, dist=dist,
+                       info=info if spec.logging.train_metrics else None,
+                       ppl=spec.loss.name in ("auto", "cross_entropy") and not spec.regularization.label_smoothing)
     checkpoints = None
     if run_dir is not None:
         store = CheckpointStore(run_dir / "checkpoints", spec.checkpoint.keep_last_k)

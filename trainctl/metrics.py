@@ -1,8 +1,9 @@
 """The `logging` config group and the metrics: their names, the training-loss meter, and the
 metrics.jsonl/TensorBoard writer (evaluation itself is :mod:`trainctl.evaluation`).
 
-The meter keeps the running training loss on the device and reads it only every
-`logging.log_every_n_steps` optimizer steps, so the training loop never waits on the device.
+The meter keeps the running training loss - and the task's training metrics, from the outputs of the
+same forward passes - on the device and reads them only every `logging.log_every_n_steps` optimizer
+steps, so the training loop never waits on the device.
 Importing this module does not import torch (the CLI reads the metric names below).
 """
 
@@ -27,6 +28,14 @@ VAL_METRICS = {
     "lm": ("val/loss", "val/ppl"),
 }
 """Validation metrics reported for each task (accuracy/macro-F1, MSE/MAE in target units, perplexity)."""
+TRAIN_METRICS = {
+    "classification": ("train/acc",),
+    "regression": ("train/mse", "train/mae"),
+    "lm": ("train/acc", "train/ppl"),
+}
+"""Training metrics logged next to `train/loss` (`logging.train_metrics`): each `train/X` is measured like
+`val/X` but on the training batches, in training mode. LM `train/acc` is token accuracy (no `val/acc`);
+`train/ppl` = exp(train/loss), logged only when the training criterion is plain cross-entropy."""
 MODE_OF = {"acc": "max", "f1": "max", "loss": "min", "mse": "min", "mae": "min", "ppl": "min"}
 
 
@@ -40,6 +49,9 @@ class LoggingSpec:
     """auto (a live bar on a terminal, plain lines otherwise), bar, plain or none."""
     tensorboard: bool = True
     """Write TensorBoard event files under `tb/` in the run directory."""
+    train_metrics: bool = True
+    """Log the task's metrics on the training batches (`train/acc`; `train/mse`, `train/mae`), summed on
+    the device from the training forward passes and read with the loss, next to their `val/` twins."""
 
     def validate(self, key: str = "logging") -> None:
         check(self.log_every_n_steps >= 1, f"{key}.log_every_n_steps", "must be >= 1",
@@ -74,6 +86,90 @@ def speed(seconds: float, samples: int, steps: int, data_seconds: float, tokens:
     return values
 
 
+class TrainMetrics:
+    """The task's metrics on the training batches (:data:`TRAIN_METRICS`), summed on the device from the
+    outputs of the training forward passes: no extra forward pass and no host sync per step.
+
+    Classification: top-1 accuracy (with soft targets, such as mixup's, against the class of largest
+    weight; one logit: the positive class when it is > 0, as in evaluation). Language modelling: token
+    accuracy. Regression: squared and absolute error in the targets' own units, averaged over targets
+    and rows as `val/mse` and `val/mae` are.
+
+    A window's sums are kept apart until the step is counted (:meth:`commit`): a step whose loss the meter
+    does not count (skipped as non-finite) does not count here either.
+    """
+
+    def __init__(self, task: str, device: "torch.device", target_std: Optional[Tuple[float, ...]] = None,
+                 ppl: bool = False) -> None:
+        import torch
+
+        self.task = task
+        self.ppl = ppl and task == "lm"
+        regression = task == "regression"
+        self.sums = torch.zeros(2 if regression else 1, dtype=torch.float32 if regression else torch.long,
+                                device=device)
+        """Error sums (squared, absolute) or the count of correct predictions: exact integers for counts."""
+        self.count = 0
+        """Rows (samples or tokens) for accuracy, target values for regression errors."""
+        self.std = torch.tensor(target_std, device=device) if regression and target_std is not None else None
+        self.pending: Optional["torch.Tensor"] = None  # the open window's sums and count
+        self.pending_count = 0
+
+    def observe(self, outputs: "torch.Tensor", targets: "torch.Tensor") -> None:
+        """Add one micro-batch's (detached) outputs against its targets to the open window."""
+        import torch
+
+        if self.task == "regression":
+            error = outputs.float().reshape(len(outputs), -1) - targets.reshape(len(targets), -1)
+            if self.std is not None:  # the data's own units (the mean cancels in a difference)
+                error = error * self.std
+            stats = torch.stack(((error * error).sum(), error.abs().sum()))
+            count = error.numel()
+        else:
+            logits = outputs.reshape(-1, outputs.shape[-1])
+            soft = targets.is_floating_point()  # class weights per row: the largest one's class
+            labels = targets.reshape(-1, targets.shape[-1]).argmax(-1) if soft else targets.reshape(-1)
+            preds = (logits[:, 0] > 0).long() if logits.shape[-1] == 1 else logits.argmax(-1)
+            stats = (preds == labels).sum().reshape(1)
+            count = labels.numel()
+        self.pending = stats if self.pending is None else self.pending + stats
+        self.pending_count += count
+
+    def commit(self) -> None:
+        if self.pending is not None:
+            self.sums += self.pending
+            self.count += self.pending_count
+        self.discard()
+
+    def discard(self) -> None:
+        self.pending, self.pending_count = None, 0
+
+    def read(self, dist: Any, train_loss: float) -> Dict[str, float]:
+        """The metrics since the last reading (every rank's equal share included), then start over."""
+        values: Dict[str, float] = {}
+        if self.ppl:
+            values["train/ppl"] = math.inf if train_loss > 709 else math.exp(train_loss)
+        count = self.count * (dist.world_size if dist is not None else 1)
+        if count:
+            sums = (self.sums if dist is None else dist.sum(self.sums.clone())).tolist()
+            if self.task == "regression":
+                values.update({"train/mse": sums[0] / count, "train/mae": sums[1] / count})
+            else:
+                values["train/acc"] = sums[0] / count
+        self.sums.zero_()
+        self.count = 0
+        return values
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"metric_sums": self.sums.cpu(), "metric_count": self.count}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        sums = state.get("metric_sums")
+        if sums is not None and tuple(sums.shape) == tuple(self.sums.shape):  # else: a run saved without them
+            self.sums.copy_(sums)
+            self.count = state["metric_count"]
+
+
 class TrainMeter:
     """Running training loss, gradient norm and throughput between two log readings, accumulated on the
     device. A non-finite value anywhere in the interval makes the sums non-finite, so one check at
@@ -81,14 +177,19 @@ class TrainMeter:
 
     Throughput readings: samples/s (tokens/s with ``tokens``), seconds per optimizer step, the share of
     time spent waiting for batches, peak memory from ``memory``, and with ``flops_per_sample`` the
-    achieved TFLOP/s (and MFU against ``peak_tflops``).
+    achieved TFLOP/s (and MFU against ``peak_tflops``). With ``info`` (`logging.train_metrics`), the
+    task's training metrics too (:class:`TrainMetrics`; ``ppl``: the training criterion is plain
+    cross-entropy, so exp(train/loss) is the perplexity).
     """
 
     def __init__(self, every_n_steps: int, device: "torch.device", tokens: bool = False,
                  memory: Optional[Callable[[], Optional[float]]] = None,
                  flops_per_sample: Optional[float] = None, peak_tflops: Optional[float] = None,
-                 dist: Any = None) -> None:
+                 dist: Any = None, info: Any = None, ppl: bool = False) -> None:
         import torch
+
+        self.metrics = TrainMetrics(info.task, device, info.target_std, ppl) if info is not None else None
+        self._tallied = False
 
         self.dist = dist
         """Under DDP, readings cover every rank: samples and terms are counted for all ranks (their
@@ -109,11 +210,25 @@ class TrainMeter:
         self.excluded = 0.0
         self.since = time.perf_counter()
 
+    def tally(self) -> Optional[Callable[["torch.Tensor", "torch.Tensor"], None]]:
+        """Where the step's forward passes add their outputs for the training metrics: ``fn(outputs,
+        targets)`` for the first pass of a step, None for a recomputation within it (a step wrapper's
+        second pass) and when the metrics are off."""
+        if self.metrics is None or self._tallied:
+            return None
+        self._tallied = True
+        return self.metrics.observe
+
     def add(self, loss_sum: "torch.Tensor") -> None:
-        """Add a detached loss sum (no host sync)."""
+        """Add a detached loss sum, and the step's training metrics (no host sync)."""
         self.loss_sum += loss_sum
+        if self.metrics is not None:
+            self.metrics.commit()
 
     def step_done(self, samples: int, terms: int, grad_norm: Optional["torch.Tensor"]) -> None:
+        if self.metrics is not None:  # a step counted without its loss (skipped) drops its metrics too
+            self.metrics.discard()
+            self._tallied = False
         self.samples += samples
         self.terms += terms
         self.steps += 1
@@ -153,6 +268,8 @@ class TrainMeter:
         """The readings since the last call (one host sync), then start over."""
         loss_sum = self.loss_sum if self.dist is None else self.dist.sum(self.loss_sum.clone())
         values = {"train/loss": float(loss_sum) / max(1, self.terms)}  # waits for the device first
+        if self.metrics is not None:
+            values.update(self.metrics.read(self.dist, values["train/loss"]))
         now = time.perf_counter()
         seconds = max(1e-9, now - self.since - self.excluded)
         if self.norms:
@@ -172,12 +289,15 @@ class TrainMeter:
 
     def state_dict(self) -> Dict[str, Any]:
         return {"loss_sum": self.loss_sum.cpu(), "norm_sum": self.norm_sum.cpu(), "terms": self.terms,
-                "samples": self.samples, "norms": self.norms}
+                "samples": self.samples, "norms": self.norms,
+                **(self.metrics.state_dict() if self.metrics is not None else {})}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.loss_sum.copy_(state["loss_sum"])
         self.norm_sum.copy_(state["norm_sum"])
         self.terms, self.samples, self.norms = state["terms"], state["samples"], state["norms"]
+        if self.metrics is not None:
+            self.metrics.load_state_dict(state)
 
 
 class MetricsWriter:

@@ -1,7 +1,10 @@
 """The plots of `trainctl report`, drawn off-screen on matplotlib's Agg canvas (no display needed):
 
-- `curves.png`: the monitored validation metric (left) and the training loss (right) against the
-  optimizer step, one line per run, the best run drawn thicker;
+- `curves.png`: against the optimizer step, the monitored validation metric (left) and the loss
+  (right), each with its measurement on the training batches (`val/acc` and `train/acc`, `val/loss` and
+  `train/loss`): validation solid, training dashed in the run's colour, so the gap between them shows
+  over- or under-fitting; one colour per run, the best run drawn thicker. When the monitor is a loss,
+  the right panel shows the task's next metric that has a training twin (`mse`, `ppl`);
 - `lr.png`: the learning rate of every run;
 - `heatmap.png`: when two numeric settings were swept, the optimized metric over their grid (the best
   run of each cell when other settings were swept too), or a scatter plot when a sampler such as
@@ -42,41 +45,70 @@ def _label(report: Report, run: RunRecord) -> str:
     return label if len(label) <= 48 else label[:45] + "..."
 
 
-def _draw(ax: Any, report: Report, key_of: Callable[[RunRecord], Optional[str]]) -> int:
-    """One line per run that logged the key; returns the number of lines."""
-    lines = 0
-    for run in report.runs:
+def _draw(ax: Any, report: Report, key_of: Callable[[RunRecord], Optional[str]], dashed: bool = False,
+          labelled: Sequence[RunRecord] = ()) -> List[RunRecord]:
+    """One line per run that logged the key, in the run's colour (dashed: a training twin, labelled
+    only for runs not in ``labelled``); returns the runs drawn."""
+    drawn = []
+    for i, run in enumerate(report.runs):
         key = key_of(run)
         steps, values = run.series(key) if key else ([], [])
         if not steps:
             continue
         best = run is report.best
-        ax.plot(steps, values, marker="o" if len(steps) < 3 else None, markersize=3,
-                linewidth=2.4 if best else 1.2, alpha=1.0 if best else 0.8, label=_label(report, run),
-                zorder=3 if best else 2)
-        lines += 1
-    return lines
+        ax.plot(steps, values, marker="o" if len(steps) < 3 else None, markersize=3, color=f"C{i % 10}",
+                linestyle="--" if dashed else "-", linewidth=2.4 if best else 1.2, alpha=1.0 if best else 0.8,
+                label=None if run in labelled else _label(report, run), zorder=3 if best else 2)
+        drawn.append(run)
+    return drawn
+
+
+def train_twin(key: Optional[str]) -> Optional[str]:
+    """`val/X` -> `train/X` (as :func:`trainctl.report.train_twin`, which imports this module)."""
+    return "train/" + key[4:] if key and key.startswith("val/") else None
+
+
+def _pair(ax: Any, report: Report, key_of: Callable[[RunRecord], Optional[str]], name: str) -> None:
+    """A validation metric (solid) and its training twin (dashed) of every run."""
+    drawn = _draw(ax, report, key_of)
+    twins = _draw(ax, report, lambda run: train_twin(key_of(run)), dashed=True, labelled=drawn)
+    ax.set_title(f"{name}: validation (solid)" + (", training (dashed)" if twins else ""))
+    ax.set_ylabel(name)
+    values = [v for line in ax.get_lines() for v in line.get_ydata()]
+    if name.endswith(("loss", "mse", "ppl")) and values and min(values) > 0 and max(values) / min(values) > 50:
+        ax.set_yscale("log")
+
+
+def second_metric(report: Report) -> str:
+    """The right panel's validation metric: the loss, or when the monitor is a loss the task's next
+    metric that some run also logged on its training batches."""
+    monitors = {run.monitor for run in report.runs if run.monitor}
+    if not all(m.endswith("loss") for m in monitors):
+        return "val/loss"
+    logged = {k for run in report.runs for r in run.records for k in r}
+    return next((k for k in ("val/acc", "val/mse", "val/mae", "val/ppl") if k in logged and train_twin(k) in logged),
+                "val/loss")
 
 
 def _legend(ax: Any) -> None:
-    if 0 < len(ax.get_lines()) <= 12:
+    if 0 < len([line for line in ax.get_lines() if not line.get_label().startswith("_")]) <= 12:
         ax.legend(fontsize=7, loc="best")
 
 
 def curves_figure(report: Report) -> Figure:
-    """Validation metric and training loss of every run, overlaid."""
+    """The monitored metric and the loss (or the task's next metric) of every run, overlaid, each on
+    the validation set and on the training batches."""
     fig = _figure(11, 4.2)
     val_ax, loss_ax = fig.subplots(1, 2)
     monitor = report.monitor
-    _draw(val_ax, report, lambda run: run.monitor)
-    val_ax.set_title(f"validation: {monitor or 'monitored metric'}")
-    val_ax.set_ylabel(monitor or "monitored metric")
-    _draw(loss_ax, report, lambda run: "train/loss")
-    loss_ax.set_title("training loss")
-    loss_ax.set_ylabel("train/loss")
-    losses = [v for run in report.runs for v in run.series("train/loss")[1]]
-    if losses and min(losses) > 0 and max(losses) / min(losses) > 50:
-        loss_ax.set_yscale("log")
+    _pair(val_ax, report, lambda run: run.monitor, (monitor or "monitored metric").split("/", 1)[-1])
+    second = second_metric(report)
+    if second == "val/loss" and (monitor or "").endswith("loss"):  # no other metric: the training loss alone
+        _draw(loss_ax, report, lambda run: "train/loss")
+        loss_ax.set_title("training loss")
+        loss_ax.set_ylabel("train/loss")
+    else:
+        _pair(loss_ax, report, lambda run: second, second.split("/", 1)[1])
     for ax in (val_ax, loss_ax):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

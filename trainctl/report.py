@@ -1,7 +1,9 @@
 """`trainctl report PATH...`: the runs of a sweep (or any run directories) side by side.
 
 One row per run: the overrides that differ between the runs, the optimized metric (the rows are
-sorted by it, the best run highlighted), the best and final monitored metric, the final training
+sorted by it, the best run highlighted), the best and final monitored metric, the final gap between
+the monitored metric on the training batches and on the validation set (`train/acc` - `val/acc`: a
+large gap means over-fitting; present when the runs logged `logging.train_metrics`), the final training
 loss, steps, wall time, throughput and why the run stopped (with the reason of a failure). The same
 table goes to `report.md`, next to plots (see :mod:`trainctl.plots`). A single run gets its summary and
 curves. Runs still in progress are read from what they have logged so far.
@@ -60,6 +62,29 @@ class Report:
 
 def _finite(value: Optional[float]) -> bool:
     return value is not None and math.isfinite(value)
+
+
+def train_twin(key: Optional[str]) -> Optional[str]:
+    """`val/X` -> `train/X`, the same metric measured on the training batches."""
+    return "train/" + key[4:] if key and key.startswith("val/") else None
+
+
+def gap_metric(report: Report) -> Optional[Tuple[str, str]]:
+    """(training twin, monitor) when the runs share a validation monitor whose twin some run logged."""
+    twin = train_twin(report.monitor)
+    if twin is None or not any(run.final(twin) is not None for run in report.runs):
+        return None
+    return twin, str(report.monitor)
+
+
+def gap_of(run: RunRecord, pair: Optional[Tuple[str, str]]) -> Optional[float]:
+    """The final training value minus the final validation value of ``pair``."""
+    train, val = (run.final(pair[0]), run.final(pair[1])) if pair else (None, None)
+    return train - val if train is not None and val is not None else None
+
+
+def gap_column(pair: Tuple[str, str]) -> str:
+    return f"{pair[1][4:]} gap (train-val)"
 
 
 # --- finding runs ----------------------------------------------------------------------------------
@@ -187,7 +212,9 @@ def _setting(value: Optional[str]) -> str:
 def columns(report: Report) -> List[str]:
     monitor = report.monitor or "monitored"
     metrics = [report.label] + [c for c in (f"best {monitor}", f"final {monitor}") if c != report.label]
-    return ["run", *report.varying, *metrics, "final train/loss", "steps", "wall s", "samples/s", "stop reason"]
+    pair = gap_metric(report)
+    gap = [gap_column(pair)] if pair else []
+    return ["run", *report.varying, *metrics, *gap, "final train/loss", "steps", "wall s", "samples/s", "stop reason"]
 
 
 def run_row(report: Report, run: RunRecord) -> Dict[str, Any]:
@@ -199,6 +226,7 @@ def run_row(report: Report, run: RunRecord) -> Dict[str, Any]:
         "optimized_metric": report.optimized_metric, "objective": _json_number(report.value(run)),
         "monitor": run.monitor, "mode": run.mode, "best": _json_number(run.best()),
         "final": _json_number(run.final(run.monitor) if run.monitor else None),
+        "gap": _json_number(gap_of(run, gap_metric(report))),
         "final_train_loss": _json_number(run.final("train/loss")), "steps": run.steps,
         "wall_seconds": run.wall_seconds, "samples_per_second": _json_number(run.samples_per_second),
         "best_run": run is report.best,
@@ -217,12 +245,13 @@ def table_cells(report: Report, run: RunRecord, reasons: bool = True) -> List[st
         metrics.append(_fmt(row["best"]) + monitor_tag)
     if f"final {report.monitor or 'monitored'}" != report.label:
         metrics.append(_fmt(row["final"]) + monitor_tag)
+    gap = [_fmt(row["gap"])] if gap_metric(report) else []
     stop = run.stop_reason if run.status != "running" else f"running (step {run.steps or 0})"
     if row["reason"] and reasons:
         stop += f": {row['reason']}"
     wall = run.wall_seconds
     return [("★ " if row["best_run"] else "") + row["run"], *[_setting(v) for v in row["varying"].values()],
-            *metrics, _fmt(row["final_train_loss"]), _fmt(row["steps"]),
+            *metrics, *gap, _fmt(row["final_train_loss"]), _fmt(row["steps"]),
             _fmt(float(wall), 1) if wall is not None else "—", _fmt(row["samples_per_second"], 0), stop]
 
 
@@ -268,8 +297,12 @@ def single_run_rows(report: Report) -> List[Tuple[str, str]]:
     if run.monitor:
         step = run.summary.get("best_step") if run.status != "running" else None
         rows.append((f"best {run.monitor}", _fmt(run.best()) + (f" (step {step})" if step else "")))
-    finals = sorted({k for r in run.records for k in r if k.startswith("val/")} | {"train/loss"})
+    vals = {k for r in run.records for k in r if k.startswith("val/")}
+    finals = sorted(vals | {str(train_twin(k)) for k in vals} | {"train/loss"})
     rows += [(f"final {k}", _fmt(run.final(k))) for k in finals if run.final(k) is not None]
+    pair = gap_metric(report)
+    if pair and gap_of(run, pair) is not None:
+        rows.append((gap_column(pair), _fmt(gap_of(run, pair))))
     rows += [("steps", _fmt(run.steps)), ("wall time", f"{run.wall_seconds:.1f} s" if run.wall_seconds else "—"),
              ("throughput", f"{_fmt(run.samples_per_second, 0)} samples/s")]
     if run.overrides:

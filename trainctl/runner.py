@@ -136,13 +136,17 @@ class Runner:
         run = self.run
         model = run.train_model
         assert model is not None
+        tally = self.meter.tally()  # training metrics from the same outputs (a step's first pass only)
         window_loss: Optional[torch.Tensor] = None
         for i, (x, y) in enumerate(window):
             # Ranks hold equal shares, so DDP's average of their gradients is the whole window's gradient;
             # they are exchanged once per window, after its last micro-batch.
             with self._sync_gradients(model, i == len(window) - 1):
                 with run.precision.autocast():
-                    loss_sum = run.loss(model(x), y)
+                    loss_sum = run.loss(outputs := model(x), y)
+                if tally is not None:
+                    tally(outputs.detach(), y)
+                del outputs  # not held through the backward pass
                 run.precision.backward(loss_sum / terms)
             loss_sum = loss_sum.detach()
             window_loss = loss_sum if window_loss is None else window_loss + loss_sum
