@@ -16,6 +16,7 @@ import torch
 
 from trainctl import adapters
 from trainctl import data as data_mod
+from trainctl.averaging import AVERAGING
 from trainctl.batches import DataBundle, build_batches
 from trainctl.callbacks import CALLBACKS, EARLY_STOPPING, BuildContext, Callback
 from trainctl.checkpoint import CheckpointStore
@@ -198,7 +199,7 @@ def build_run(spec: RunSpec, run_dir: Optional[Path] = None, base_dir: str = "."
         meter=meter, monitors=monitors, monitor=monitor, optimizer_has_modes=has_train_eval_modes(spec.optimizer),
         skip_nonfinite=trainer.on_nonfinite == "skip", max_consecutive_skips=trainer.max_consecutive_skips,
         callbacks=_callbacks(spec, task, monitors), transforms=_transforms(spec, info),
-        step_wrappers=build_step_wrappers(spec, precision.scales_loss), checkpoints=checkpoints, run_dir=run_dir,
+        step_wrappers=build_step_wrappers(spec, precision.scales_loss, model), checkpoints=checkpoints, run_dir=run_dir,
         checkpointed_modules=wrapped, compile_clock=clock, flops_per_sample=flops, peak_tflops=peak, dist=dist,
         train_model=train_model, sharded_units=units, unfreezer=_unfreezer(spec))
 
@@ -215,9 +216,10 @@ def _unfreezer(spec: RunSpec) -> Optional[adapters.Unfreezer]:
 
 
 def _callbacks(spec: RunSpec, task: str, monitors: Monitors) -> List[Callback]:
-    """Early stopping (its own group) and the callbacks listed under `callbacks`, from the registry."""
+    """Early stopping and weight averaging (their own groups; averaging after early stopping, so both
+    see the averaged weights an evaluation used) and the callbacks listed under `callbacks`."""
     context = BuildContext(spec, task, monitors)
-    chosen = [EARLY_STOPPING.build(spec.early_stopping, context)]
+    chosen = [EARLY_STOPPING.build(spec.early_stopping, context), AVERAGING.build(spec.averaging, context)]
     chosen += [CALLBACKS.get(name).build(settings, context) for name, settings in spec.callbacks.items()]
     return [c for c in chosen if c is not None]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from trainctl.adapters import PEFTS, PeftSpec
+from trainctl.averaging import AVERAGINGS, AveragingSpec
 from trainctl.callbacks import CALLBACKS, EarlyStoppingSpec
 from trainctl.checkpoint import CheckpointSpec
 from trainctl.data import DATASETS, DataSpec
@@ -84,6 +85,8 @@ GROUPS: Dict[str, Group] = {group.name: group for group in (
     Group("scheduler", "learning-rate schedules, stepped once per optimizer step", SchedulerSpec, SCHEDULERS,
           fixed_on_resume=("name",)),
     Group("regularization", "weight decay, dropout, label smoothing, gradient clipping", RegularizationSpec),
+    Group("averaging", "an average of the weights for evaluation and the final weights: none, ema or swa",
+          AveragingSpec, AVERAGINGS, fixed_on_resume=("name",)),
     Group("precision", "fp32, bf16 or fp16 autocast (with a loss scaler), bf16 weights, tf32", PrecisionSpec,
           PRECISIONS),
     Group("performance", "torch.compile, activation checkpointing, channels_last, MFU", PerformanceSpec),

@@ -141,6 +141,10 @@ def load_saved_run(path: Path, overrides: Sequence[str], base_dir: str, split: s
             load_weights(run.model, weights)
     except CheckpointError as exc:
         raise ConfigError(None, str(exc)) from None
+    if ckpt is not None:  # averaging.use_for_eval: the checkpoint's averaged weights (a run's own are final)
+        from trainctl.averaging import use_averaged
+
+        use_averaged(run, ckpt.state)
     if ckpt is not None and run.optimizer_has_modes and not ckpt.sharded:  # schedule-free: the averaged weights
         from trainctl.optim import load_optimizer_state
 

@@ -25,7 +25,7 @@ log = logging.getLogger("trainctl")
 
 CHOSEN = [g for g in GROUPS.values() if g.options is not None and not g.many]
 """The groups whose option a saved spec names and a continued run keeps."""
-ADDED_LATER = {"peft": {"name": "none"}}
+ADDED_LATER = {"peft": {"name": "none"}, "averaging": {"name": "none"}}
 """Groups newer than some saved specs, and the option such a spec means (what the run did then)."""
 
 

@@ -269,6 +269,8 @@ class Runner:
         if self.run.skip_nonfinite:
             values["train/skipped_steps"] = self.state.skipped_steps
         values.update(self.run.precision.log_values())
+        for wrapper in self.run.step_wrappers:
+            values.update(wrapper.log_values())
         for callback in self.hooks["on_log"]:
             values.update(callback.on_log(self.run, self.state))
         self._record(values)

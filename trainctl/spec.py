@@ -23,6 +23,7 @@ from trainctl.groups import CONF_DIR, GROUPS, RECIPES_DIR, Group  # noqa: F401 (
 from trainctl.loss import LossSpec, loss_problem
 from trainctl.metrics import MODE_OF, VAL_METRICS, LoggingSpec, default_monitor
 from trainctl.adapters import PeftSpec
+from trainctl.averaging import AveragingSpec, averaging_problem
 from trainctl.model import MODELS, absolute_path, is_custom, task_compatible, validate_model
 from trainctl.optim import OptimizerSpec
 from trainctl.parallel import ParallelismSpec
@@ -48,6 +49,8 @@ class RunSpec:
     optimizer: OptimizerSpec = MISSING
     scheduler: SchedulerSpec = MISSING
     regularization: RegularizationSpec = field(default_factory=RegularizationSpec)
+    averaging: AveragingSpec = field(default_factory=AveragingSpec)
+    """Weight averaging: none, ema or swa."""
     precision: PrecisionSpec = MISSING
     performance: PerformanceSpec = field(default_factory=PerformanceSpec)
     parallelism: ParallelismSpec = field(default_factory=ParallelismSpec)
@@ -115,12 +118,33 @@ class RunSpec:
         check(not self.early_stopping.enabled or bool(evaluates), "early_stopping.patience",
               "early stopping counts evaluations, but evaluation is off", "set trainer.eval_every_n_epochs=1")
         self._validate_peft()
+        self._validate_step_methods()
+        error = averaging_problem(self)
+        if error:
+            raise error
         if SCHEDULERS.get(self.scheduler.name).monitors:
             check(self.scheduler.monitor in VAL_METRICS[task], "scheduler.monitor",
                   f"'{self.scheduler.monitor}' is not reported for {task} data; "
                   f"choose from {', '.join(VAL_METRICS[task])}", "set scheduler.monitor=val/loss")
             check(bool(evaluates), "scheduler", "scheduler=plateau steps on validation results, "
                   "but evaluation is off", "set trainer.eval_every_n_epochs=1")
+
+    def _validate_step_methods(self) -> None:
+        """SAM and optimizers that re-evaluate the loss (L-BFGS), refused where they cannot be exact."""
+        from trainctl.optim import check_closure_fits
+
+        reg, fp16 = self.regularization, self.precision.name == "fp16"
+        check(reg.sam_rho is None or not fp16, "regularization.sam_rho", "SAM takes a second forward/backward "
+              "pass, which fp16's loss scaler cannot unscale twice in one step", "set precision=bf16 (or fp32)")
+        check(reg.sam_rho is None or not self.parallelism.sharded, "regularization.sam_rho", "SAM is not "
+              "available with parallelism=fsdp (its perturbation of sharded parameters is not verified)",
+              "set parallelism=ddp")
+        methods = [name for name, on in (("SAM", reg.sam_rho is not None), ("AGC", reg.agc_clipping is not None),
+                                         ("the l1/l2 penalty", bool(reg.l1 or reg.l2))) if on]
+        check_closure_fits(self.optimizer.name, fp16=fp16, wrappers=methods,
+                           clipping=reg.max_grad_norm is not None or reg.clip_value is not None,
+                           processes=1 if self.parallelism.name == "single" else 2,
+                           unfreezes=bool(getattr(self.peft, "unfreeze_at", None)))
 
     def _validate_peft(self) -> None:
         """Combinations of the `peft` group that cannot work, refused with the reason."""
