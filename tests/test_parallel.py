@@ -35,14 +35,16 @@ def _records(run_dir: Path) -> list:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_two_ranks_train_exactly_like_one_process_with_twice_the_batch(tmp_path, accumulation):
-    steps = [f"trainer.max_steps={8 // accumulation}", f"trainer.grad_accum_steps={accumulation}"]
+@pytest.mark.parametrize("accumulation,extra", [(1, []), (2, []), (2, ["regularization.sam_rho=0.05"])],
+                         ids=["plain", "accumulation", "sam"])
+def test_two_ranks_train_exactly_like_one_process_with_twice_the_batch(tmp_path, accumulation, extra):
+    """Also SAM: its second pass at the perturbed weights exchanges the gradients like the first."""
+    steps = [f"trainer.max_steps={8 // accumulation}", f"trainer.grad_accum_steps={accumulation}", *extra]
     single = trainctl(["run", *COMMON, *steps, "data.batch_size=64", f"hydra.run.dir={tmp_path / 'single'}"],
                       cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert single.returncode == 0, single.stderr
     ddp = _torchrun([*COMMON, *steps, "parallelism=ddp", "data.batch_size=32", f"hydra.run.dir={tmp_path / 'ddp'}"],
-                    tmp_path, 29611 + accumulation)
+                    tmp_path, 29611 + accumulation + 2 * len(extra))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = load_file(str(tmp_path / "single" / "model.safetensors")), load_file(str(tmp_path / "ddp" / "model.safetensors"))
     assert a.keys() == b.keys()
