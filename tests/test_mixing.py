@@ -190,11 +190,11 @@ def test_refusals_name_the_key_and_the_fix():
     with pytest.raises(ConfigError, match="applies to classification data, not regression") as error:
         compose(["transforms=[mixup]", "data=synthetic", "data.task=regression"])
     assert error.value.key == "transforms.mixup"
-    with pytest.raises(ConfigError, match=r"not images") as error:
-        build([*QUIET, "transforms=[cutmix]", "data=synthetic"])
-    assert error.value.key == "transforms.cutmix" and "transforms=[mixup]" in error.value.fix
+    with pytest.raises(ConfigError, match=r"boxes of images .* data=synthetic has none") as error:
+        compose(["transforms=[cutmix]", "data=synthetic"])  # refused when the config is checked
+    assert error.value.key == "transforms.cutmix.cutmix_alpha" and "transforms=[mixup]" in error.value.fix
     with pytest.raises(ConfigError) as error:
-        build([*QUIET, "transforms=[mixup]", "transforms.mixup.cutmix_alpha=1", "data=synthetic"])
+        compose(["transforms=[mixup]", "transforms.mixup.cutmix_alpha=1", "data=synthetic"])
     assert error.value.key == "transforms.mixup.cutmix_alpha" and "cutmix_alpha=0" in error.value.fix
     assert build([*QUIET, "transforms=[mixup]", "data=synthetic"]).transforms[0].name == "mixup"
     for override, key in (("transforms.mixup.mixup_alpha=-1", "transforms.mixup.mixup_alpha"),

@@ -90,6 +90,9 @@ class RunSpec:
         for name in self.transforms:
             check(task in TRANSFORMS.get(name).tasks, f"transforms.{name}", f"applies to "
                   f"{' or '.join(TRANSFORMS.get(name).tasks)} data, not {task}", "drop it from transforms=[...]")
+            check(not getattr(self.transforms[name], "cutmix_alpha", 0) or input_rank == 3,
+                  f"transforms.{name}.cutmix_alpha", f"CutMix pastes boxes of images (C, H, W), and "
+                  f"data={self.data.name} has none", "use transforms=[mixup] (with cutmix_alpha=0)")
         tokens = data_mod.token_ids(self.data)
         problem = task_compatible(self.model, task, input_rank, tokens)
         if problem:
