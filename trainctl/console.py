@@ -123,7 +123,8 @@ class Display:
     def report(self, step: int, epoch: int, values: Dict[str, float]) -> None:
         """New readings (training or validation): refresh the bar, or print a line when one is due."""
         self.latest.update(values)
-        shown = {k: v for k, v in self.latest.items() if k in ("train/loss", "lr") or k.startswith("val/")}
+        shown = {k: v for k, v in self.latest.items()
+                 if k in ("train/loss", "train/acc", "train/penalty", "lr") or k.startswith("val/")}
         text = "  ".join(f"{k} {_fmt(v)}" for k, v in shown.items())
         text += _speed(self.latest)
         if self._bar is not None:
