@@ -41,9 +41,10 @@ def is_export(path: Path) -> bool:
 
 
 def export_run(run: "Run", weights: Path, step: Optional[int], run_dir: Optional[Path], path: Path,
-               output: Optional[Path], merge: bool) -> Dict[str, Any]:
+               output: Optional[Path], merge: bool, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Export ``run``'s weights (loaded from ``weights``, of the run or checkpoint at ``path``) into
-    ``output`` (default: RUN_DIR/export, or RUN_DIR/export-merged)."""
+    ``output`` (default: RUN_DIR/export, or RUN_DIR/export-merged); ``extra``: more JSON files (name ->
+    content) written into it, e.g. `trainctl merge`'s merge.json."""
     if output is None:
         if run_dir is None:
             raise ConfigError(None, f"{path} is not inside a run directory", "pass -o DIR")
@@ -63,6 +64,9 @@ def export_run(run: "Run", weights: Path, step: Optional[int], run_dir: Optional
         if run_dir is not None and (Path(run_dir) / ENCODING_FILE).is_file():  # data=csv: the table's encoding
             shutil.copy2(Path(run_dir) / ENCODING_FILE, tmp / ENCODING_FILE)
             files.append(ENCODING_FILE)
+        for name, payload in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+            files.append(name)
         saved_spec = _exported_spec(run, kind)
         (tmp / SPEC).write_text(saved_spec, encoding="utf-8")
         info = {"kind": kind, "source": str(weights), "step": step,
