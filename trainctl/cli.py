@@ -20,10 +20,13 @@ COMMANDS = {
     "resume": "trainctl.commands.resume",
     "eval": "trainctl.commands.eval",
     "export": "trainctl.commands.export",
+    "merge": "trainctl.commands.merge",
     "show": "trainctl.commands.show",
     "recipes": "trainctl.commands.recipes",
     "report": "trainctl.commands.report",
     "prepare-tokens": "trainctl.commands.prepare_tokens",
+    "lr-find": "trainctl.commands.lr_find",
+    "probe": "trainctl.commands.probe",
 }
 
 USAGE = f"""trainctl {__version__}: a config-driven PyTorch training CLI
@@ -41,6 +44,9 @@ commands:
   export PATH [-o DIR] [--merge]
                          a run's weights for other tools: the adapter in the PEFT layout, with --merge
                          the adapters merged into the base (model.safetensors / save_pretrained)
+  merge RUN_DIR... --method METHOD -o OUT [--t T] [--base RUN_DIR] [--weights W,...] [--density D]
+                         combine runs of one model (average | greedy_soup | slerp | task_arithmetic | ties |
+                         dare | dare_ties | magnitude_prune); evaluates every input and the result
   show [OVERRIDES...]    print the resolved run spec and the plan (parameters, batch, steps) without training
   recipes                list the curated experiments (`trainctl run +recipe=NAME`)
   report PATH... [--format table|json] [-o DIR] [--metric M] [--no-plots]
@@ -49,6 +55,12 @@ commands:
   prepare-tokens INPUT -o DIR [--tokenizer DIR | --tiktoken NAME] [--val-fraction F] [--field F]
                          tokenise a text or .jsonl file into DIR/train.bin, val.bin and meta.json
                          for `trainctl run data=tokens data.path=DIR` (byte-level without a tokenizer)
+  probe [OVERRIDES...] [--steps K] [--accum A] [--warmup-steps N] [--memory-limit-mib M]
+                         the largest per-device batch that fits and the gradient noise scale; prints
+                         the data.batch_size and trainer.grad_accum_steps to use
+  lr-find [OVERRIDES...] [--start-lr 1e-7] [--end-lr 10] [--steps 100] [-o DIR]
+                         learning-rate range test on the run's own training step: prints the suggested
+                         optimizer.lr=..., writes lr_find.png and lr_find.json (no run directory)
 
 options:
   -h, --help             this help; `trainctl run --help` lists the config groups and their options
