@@ -24,9 +24,11 @@ from trainctl.checkpointing import Checkpoints, backend_for
 from trainctl.errors import ConfigError
 from trainctl.loss import SumLoss, build_loss, out_features
 from trainctl.evaluation import Evaluator
+from trainctl.histograms import build_histograms
 from trainctl.metrics import TrainMeter
 from trainctl.model import apply_dropout, build_model, init_settings, is_custom, model_name, with_dropout
 from trainctl.monitor import Monitor, Monitors
+from trainctl.noise_scale import build_noise_scale
 from trainctl.optim import build_optimizer, has_train_eval_modes, optimizer_groups
 from trainctl.parallel import Distributed
 from trainctl.performance import (
@@ -217,9 +219,11 @@ def _unfreezer(spec: RunSpec) -> Optional[adapters.Unfreezer]:
 
 def _callbacks(spec: RunSpec, task: str, monitors: Monitors) -> List[Callback]:
     """Early stopping and weight averaging (their own groups; averaging after early stopping, so both
-    see the averaged weights an evaluation used) and the callbacks listed under `callbacks`."""
+    see the averaged weights an evaluation used), the histograms of `logging.histograms_every_n_steps`, and
+    the callbacks listed under `callbacks`."""
     context = BuildContext(spec, task, monitors)
-    chosen = [EARLY_STOPPING.build(spec.early_stopping, context), AVERAGING.build(spec.averaging, context)]
+    chosen = [EARLY_STOPPING.build(spec.early_stopping, context), AVERAGING.build(spec.averaging, context),
+              build_histograms(spec), build_noise_scale(spec)]
     chosen += [CALLBACKS.get(name).build(settings, context) for name, settings in spec.callbacks.items()]
     return [c for c in chosen if c is not None]
 

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trainctl")
 
-HOOKS = ("on_fit_start", "on_step_start", "on_before_optimizer_step", "on_step_end", "on_log", "on_eval_start",
-         "on_eval_end", "on_fit_end")
+HOOKS = ("on_fit_start", "on_step_start", "on_after_first_backward", "on_before_optimizer_step", "on_step_end",
+         "on_log", "on_eval_start", "on_eval_end", "on_fit_end")
 
 
 class Callback:
@@ -39,6 +39,11 @@ class Callback:
 
     def on_step_start(self, run: "Run", state: "RunState") -> None:
         """Before the first micro-batch of each optimizer step."""
+
+    def on_after_first_backward(self, run: "Run", state: "RunState", window: List[Any], terms: int) -> None:
+        """After the backward pass of the first micro-batch of a window of two or more: ``p.grad`` holds
+        that micro-batch's gradient alone (loss sum / the window's ``terms``; still scaled under fp16,
+        local to this process under DDP). ``window``: this step's (transformed) micro-batches."""
 
     def on_before_optimizer_step(self, run: "Run", state: "RunState") -> None:
         """After the accumulation window's backward (gradients unscaled under fp16), before clipping and

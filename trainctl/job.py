@@ -15,6 +15,7 @@ from trainctl.console import Display
 from trainctl.errors import ConfigError
 from trainctl.files import CheckpointError, failure_text, load_weights, write_json, write_text
 from trainctl.metrics import MetricsWriter
+from trainctl.mlflow_log import MlflowTracking, tracking_for
 from trainctl.parallel import Distributed
 from trainctl.plan import plan
 from trainctl.resume import check_changes, find_resume_source, load_saved_spec, restore_checkpoint
@@ -26,20 +27,23 @@ from trainctl.tables import ENCODING_FILE, check_test_split
 log = logging.getLogger("trainctl")
 
 
-def train(spec: RunSpec, run_dir: Path, base_dir: str, dist: Optional[Distributed] = None) -> Dict[str, Any]:
+def train(spec: RunSpec, run_dir: Path, base_dir: str, dist: Optional[Distributed] = None,
+          callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
     """Everything that can be wrong with the spec or the checkpoint to resume from - including a sealed
     checkpoint whose contents do not fit the model - fails before a file is written. Under DDP every
-    rank calls this with the same directory; rank 0 writes."""
+    rank calls this with the same directory; rank 0 writes. ``callbacks`` run after the spec's own."""
     main = dist is None or dist.is_main
     source = find_resume_source(spec, run_dir)
     changes = check_changes(source, spec, dist.world_size if dist else 1) if source is not None else []
+    tracking = tracking_for(spec, run_dir, base_dir) if main else None  # a missing package fails first
     run = build_run(spec, run_dir=run_dir, base_dir=base_dir, dist=dist)
+    run.callbacks.extend(callbacks)
     state = RunState()
     if source is not None:
         restore_checkpoint(run, state, source, changes)
     display = Display(spec.logging.progress if main else "none", run.horizon.total_steps, run.horizon.total_epochs)
     try:
-        writer = _open_outputs(run, source, run_dir) if main else None
+        writer = _open_outputs(run, source, run_dir, tracking) if main else None
         runner = Runner(run, display, state, writer)
         if main:
             _write_or_refuse(run_dir, lambda: write_json(run_dir / "summary.json", {
@@ -60,16 +64,22 @@ def train(spec: RunSpec, run_dir: Path, base_dir: str, dist: Optional[Distribute
     if not gc.isenabled():  # switched off for the start-up of a single run (commands/run.py, resume.py)
         gc.freeze()  # later collections skip what start-up built (its few cyclic leftovers stay)
         gc.enable()
-    summary = runner.fit()
+    try:
+        summary = runner.fit()
+    finally:
+        if tracking is not None:  # the summary, the final weights and the status, however the session ended
+            tracking.finish(run_dir)
     if main:
         display.summary(summary)
     log.info("summary: %s", {k: summary[k] for k in ("stop_reason", "best_metric", "steps", "wall_seconds")})
     return summary
 
 
-def _open_outputs(run: Run, source: Optional[Checkpoint], run_dir: Path) -> MetricsWriter:
+def _open_outputs(run: Run, source: Optional[Checkpoint], run_dir: Path,
+                  tracking: Optional[MlflowTracking] = None) -> MetricsWriter:
     """The run's first writes (rank 0): the resolved spec, the metrics writer (dropping records a killed
-    session wrote after its last checkpoint), and clearing what a killed save left behind."""
+    session wrote after its last checkpoint; logging to MLflow with ``tracking``), handed to the callbacks
+    that write through it, and clearing what a killed save left behind."""
     spec = run.spec
 
     def write() -> MetricsWriter:
@@ -79,7 +89,10 @@ def _open_outputs(run: Run, source: Optional[Checkpoint], run_dir: Path) -> Metr
             write_json(run_dir / ENCODING_FILE, run.data.info.encoding)
         continuing = source is not None or spec.checkpoint.resume == "auto"
         writer = MetricsWriter(run_dir, spec.logging.tensorboard,
-                               resume_step=(source.step if source else 0) if continuing else None)
+                               resume_step=(source.step if source else 0) if continuing else None, mlflow=tracking)
+        for callback in run.callbacks:  # e.g. the weight and gradient histograms
+            if hasattr(callback, "attach_writer"):
+                callback.attach_writer(writer)
         if run.checkpoints is not None:
             run.checkpoints.store.clean_stale()
         return writer

@@ -1,5 +1,5 @@
-"""The `logging` config group and the metrics: their names, the training-loss meter, and the
-metrics.jsonl/TensorBoard writer (evaluation itself is :mod:`trainctl.evaluation`).
+"""The `logging` config group and the metrics: their names and the training-loss meter (the
+metrics.jsonl/TensorBoard/MLflow writer is :mod:`trainctl.writer`, evaluation :mod:`trainctl.evaluation`).
 
 The meter keeps the running training loss - and the task's training metrics, from the outputs of the
 same forward passes - on the device and reads them only every `logging.log_every_n_steps` optimizer
@@ -9,14 +9,13 @@ Importing this module does not import torch (the CLI reads the metric names belo
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 from trainctl.errors import check, check_choice
+from trainctl.writer import MetricsWriter, _quiet_tensorboard_threads, read_metrics, truncate_metrics  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
@@ -53,9 +52,32 @@ class LoggingSpec:
     """Log the task's metrics on the training batches (`train/acc`; `train/mse`, `train/mae`), summed on
     the device from the training forward passes and read with the loss, next to their `val/` twins."""
 
+    histograms_every_n_steps: Optional[int] = None
+    """Write weight and gradient histograms of every trainable parameter to TensorBoard every N optimizer
+    steps (:mod:`trainctl.histograms`); null: never."""
+    mlflow: bool = False
+    """Also log to MLflow (:mod:`trainctl.mlflow_log`): the flattened spec as params, every record as
+    metrics, the summary and the final weights as artifacts. Needs `pip install 'trainctl[mlflow]'`."""
+    mlflow_tracking_uri: Optional[str] = None
+    """Any MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` where trainctl starts."""
+    mlflow_experiment: str = "trainctl"
+    """The MLflow experiment the run is logged under (created when missing)."""
+    gradient_noise_scale: bool = False
+    """Log the gradient noise scale B_simple as `train/gns` (:mod:`trainctl.noise_scale`), from the first
+    micro-batch's gradient against the accumulation window's; needs trainer.grad_accum_steps >= 2."""
+
     def validate(self, key: str = "logging") -> None:
         check(self.log_every_n_steps >= 1, f"{key}.log_every_n_steps", "must be >= 1",
               f"set {key}.log_every_n_steps=10")
+        every = self.histograms_every_n_steps
+        check(every is None or every >= 1, f"{key}.histograms_every_n_steps", f"must be >= 1 or null (got {every})",
+              f"set {key}.histograms_every_n_steps=100")
+        check(every is None or self.tensorboard, f"{key}.histograms_every_n_steps", "histograms are written to "
+              "TensorBoard, which is off", f"set {key}.tensorboard=true (or {key}.histograms_every_n_steps=null)")
+        check(bool(self.mlflow_experiment), f"{key}.mlflow_experiment", "must not be empty",
+              f"set {key}.mlflow_experiment=trainctl")
+        check(self.mlflow_tracking_uri is None or bool(self.mlflow_tracking_uri.strip()), f"{key}.mlflow_tracking_uri",
+              "must not be empty", f"set {key}.mlflow_tracking_uri=null (sqlite:///mlflow.db)")
         check_choice(self.progress, ("auto", "bar", "plain", "none"), f"{key}.progress")
 
 
@@ -299,121 +321,3 @@ class TrainMeter:
         if self.metrics is not None:
             self.metrics.load_state_dict(state)
 
-
-class MetricsWriter:
-    """Appends one JSON object per event to `metrics.jsonl` and mirrors scalars to TensorBoard.
-
-    A write that fails (a full disk, a file system gone read-only) is not raised into the training
-    loop: the writer stops writing, keeps the reason in :attr:`error`, and the runner decides what the
-    run does about it (`checkpoint.on_error`).
-    """
-
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: Optional[int] = None) -> None:
-        """With ``resume_step``, records after that step (written by a session that was then killed)
-        are dropped from `metrics.jsonl` and TensorBoard, so no step appears twice."""
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None:
-            truncate_metrics(self.path, resume_step)
-        self.file: Any = open(self.path, "a", encoding="utf-8")
-        self.tb_dir = run_dir / "tb" if tensorboard else None
-        self.purge_step = resume_step + 1 if resume_step is not None else None
-        self._tb: Any = None
-        self.error: Optional[str] = None
-        """Why writing stopped (None while it works)."""
-        self.setup_seconds = 0.0
-        """Seconds spent setting up TensorBoard at the first record (kept out of training time)."""
-
-    def write(self, step: int, epoch: int, values: Dict[str, float]) -> None:
-        if self.error is not None:
-            return
-        record = {"step": step, "epoch": epoch, **{k: _finite_or_str(v) for k, v in values.items()}}
-        target = self.path
-        try:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-            if self.tb_dir is not None:
-                target = self.tb_dir
-                if self._tb is None:  # importing tensorboard takes ~1 s: at the first log, not before the first step
-                    tic = time.perf_counter()
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    _quiet_tensorboard_threads()
-                    self._tb = SummaryWriter(log_dir=str(self.tb_dir), purge_step=self.purge_step)
-                    self.setup_seconds += time.perf_counter() - tic
-                for key, value in values.items():
-                    self._tb.add_scalar(key, value, step)
-        except Exception as exc:  # OSError, or TensorBoard's writer thread re-raising one
-            from trainctl.files import failure_text
-
-            self.error = f"could not write {target}: {failure_text(exc, self.path.parent)}"
-            self.close()
-
-    def take_setup_seconds(self) -> float:
-        """The setup seconds since the last call."""
-        seconds, self.setup_seconds = self.setup_seconds, 0.0
-        return seconds
-
-    def close(self) -> None:
-        for closer in (self.file.close, self._tb.close if self._tb is not None else None):
-            if closer is None:
-                continue
-            try:
-                closer()
-            except Exception as exc:  # flushing the last records can fail the same way
-                from trainctl.files import failure_text
-
-                self.error = self.error or f"could not write {self.path.parent}: {failure_text(exc, self.path.parent)}"
-        self._tb = None
-
-
-def _quiet_tensorboard_threads() -> None:
-    """TensorBoard writes from a thread of its own; a failed write (a full disk) ends that thread with a
-    traceback on stderr before the writer re-raises it to the caller, which reports it. Keep the
-    thread's traceback off the console; exceptions of every other thread still print."""
-    import threading
-
-    previous = threading.excepthook
-    if getattr(previous, "_trainctl", False):
-        return
-
-    def hook(args: Any) -> None:
-        if not type(args.thread).__module__.startswith("tensorboard."):
-            previous(args)
-    hook._trainctl = True  # type: ignore[attr-defined]
-    threading.excepthook = hook
-
-
-def _finite_or_str(value: float) -> Any:
-    return value if math.isfinite(value) else str(value)
-
-
-def read_metrics(path: Path) -> list:
-    """The records of a `metrics.jsonl`, read line by line; a line cut short by a crash is ignored, and a
-    path that is not a regular file holds none."""
-    import os
-    import stat
-
-    records: list = []
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return records
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict):
-                    records.append(record)
-    except OSError:
-        pass
-    return records
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the records up to ``step`` (atomically)."""
-    from trainctl.files import write_text
-
-    if path.exists():
-        kept = [r for r in read_metrics(path) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
-        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -27,6 +27,8 @@ from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from trainctl.noise_scale import unbiased_estimates  # the formulas, shared with the in-run estimate
+
 if TYPE_CHECKING:
     import torch
 
@@ -35,24 +37,6 @@ if TYPE_CHECKING:
     from trainctl.spec import RunSpec
 
 # --- the gradient noise scale --------------------------------------------------------------------------
-
-
-def unbiased_estimates(small_sq: float, big_sq: float, b_small: float, b_big: float,
-                       population: Optional[int] = None) -> Tuple[float, float]:
-    """(|G|^2, tr(Sigma)) from the squared gradient norms at two batch sizes (McCandlish et al., A.1).
-
-    ``population``: batches drawn without replacement from N samples (an epoch's batches), where
-    E|G_B|^2 = |G|^2 + tr(Sigma) (N - B) / (B (N - 1)) for the dataset's own gradient and covariance;
-    None: independent samples, E|G_B|^2 = |G|^2 + tr(Sigma) / B (the paper's formulas). Without the
-    correction B_simple comes out too large by a factor 1 / (1 - B_simple / (N - 1))."""
-    if not b_big > b_small > 0 or (population is not None and population < max(2, b_big)):
-        raise ValueError(f"need 0 < B_small < B_big <= N, got {b_small}, {b_big}, N={population}")
-
-    def c(b: float) -> float:  # the weight of tr(Sigma) in E|G_B|^2
-        return 1.0 / b if population is None else (population - b) / (b * (population - 1))
-    trace = (small_sq - big_sq) / (c(b_small) - c(b_big))
-    g2 = big_sq - c(b_big) * trace
-    return g2, trace
 
 
 def _ratio(trace: float, g2: float) -> float:

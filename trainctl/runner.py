@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import sys
-import threading
 import warnings
-from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 
@@ -30,6 +28,7 @@ from trainctl.callbacks import HOOKS, hooked
 from trainctl.checkpointing import snapshot
 from trainctl.console import Display
 from trainctl.files import write_json
+from trainctl.interrupts import stop_on_signals
 from trainctl.metrics import MetricsWriter
 from trainctl.optim import step_closure
 from trainctl.state import RunState
@@ -73,7 +72,7 @@ class Runner:
         self._call("on_fit_start")
         self.display.start(state.epoch, state.step)
         try:
-            with self._stop_on_signals():
+            with stop_on_signals(self):
                 if state.eval_pending:  # the interrupted session owed this evaluation
                     state.eval_pending = False
                     self.evaluate()
@@ -148,6 +147,8 @@ class Runner:
                     tally(outputs.detach(), y)
                 del outputs  # not held through the backward pass
                 run.precision.backward(loss_sum / terms)
+            if not i and self.hooks["on_after_first_backward"] and len(window) > 1:
+                self._call("on_after_first_backward", window, terms)  # p.grad: this micro-batch's alone
             loss_sum = loss_sum.detach()
             window_loss = loss_sum if window_loss is None else window_loss + loss_sum
         assert window_loss is not None
@@ -351,33 +352,6 @@ class Runner:
         self._stop("failed")
 
     # --- stopping and finishing ---------------------------------------------------------------------
-
-    @contextmanager
-    def _stop_on_signals(self) -> Iterator[None]:
-        """SIGINT/SIGTERM stop the run at the next step boundary; a second SIGINT stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            if self.signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.signal = self.signal or signum
-            if self.run.dist is not None:
-                self._stop_pending = self._stop_pending or "interrupted"
-                log.warning("%s received: every process stops at the next log step or epoch end and a "
-                            "checkpoint is saved (press Ctrl-C again to stop now)", signal.Signals(signum).name)
-                return
-            log.warning("%s received: stopping after the current step and saving a checkpoint "
-                        "(press Ctrl-C again to stop now)", signal.Signals(signum).name)
-            self.state.request_stop("interrupted")
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
     def summary(self, error: Optional[BaseException] = None) -> Dict[str, Any]:
         run, state = self.run, self.state
