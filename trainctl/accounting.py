@@ -96,7 +96,7 @@ def summary(run: "Run", state: "RunState", clock: Clock, final: Dict[str, float]
     wall = time.perf_counter() - clock.started
     train_total = clock.train_seconds()
     reason = state.stop_reason or "completed"
-    status = "done" if reason in DONE else "interrupted" if reason == "interrupted" else "failed"
+    status = "done" if reason in DONE else reason if reason in ("interrupted", "pruned") else "failed"
     out = {
         "status": status, "stop_reason": reason, "monitor": run.monitor.metric, "mode": run.monitor.mode,
         "best_metric": run.monitor.best, "best_step": run.monitor.best_step,

@@ -27,6 +27,7 @@ COMMANDS = {
     "prepare-tokens": "trainctl.commands.prepare_tokens",
     "lr-find": "trainctl.commands.lr_find",
     "probe": "trainctl.commands.probe",
+    "tune": "trainctl.commands.tune",
 }
 
 USAGE = f"""trainctl {__version__}: a config-driven PyTorch training CLI
@@ -61,6 +62,9 @@ commands:
   lr-find [OVERRIDES...] [--start-lr 1e-7] [--end-lr 10] [--steps 100] [-o DIR]
                          learning-rate range test on the run's own training step: prints the suggested
                          optimizer.lr=..., writes lr_find.png and lr_find.json (no run directory)
+  tune --space FILE [OVERRIDES...] [-o ROOT] [--n-trials N]
+                         Optuna study with pruning: each trial a run in ROOT/trial-NNNN, the study in
+                         ROOT/study.db (run it again to continue; several processes may share it)
 
 options:
   -h, --help             this help; `trainctl run --help` lists the config groups and their options

@@ -45,7 +45,7 @@ class Report:
         return first if first is not None and _finite(self.value(first)) else None
 
     def value(self, run: RunRecord) -> Optional[float]:
-        return None if run.status == "failed" else run.objective(self.optimized_metric)
+        return None if run.status in ("failed", "pruned") else run.objective(self.optimized_metric)
 
     @property
     def monitor(self) -> Optional[str]:
@@ -271,8 +271,10 @@ def headline(report: Report) -> List[str]:
     best = report.best
     failed = sum(r.status == "failed" for r in report.runs)
     running = sum(r.status == "running" for r in report.runs)
+    pruned = sum(r.status == "pruned" for r in report.runs)
     lines = [f"{len(report.runs)} run{'s' * (len(report.runs) != 1)} in {report.root}"
-             + (f", {failed} failed" if failed else "") + (f", {running} running" if running else "")
+             + (f", {failed} failed" if failed else "") + (f", {pruned} pruned" if pruned else "")
+             + (f", {running} running" if running else "")
              + f"; sorted by {report.label} ({'higher' if report.mode == 'max' else 'lower'} is better)"]
     if report.common:
         lines.append("common: " + " ".join(f"{k}={v}" for k, v in report.common.items()))
@@ -383,7 +385,7 @@ def print_table(report: Report, files: Dict[str, str], note: Optional[str]) -> N
             table.add_column(name, justify="right" if numeric else "left", overflow="fold", min_width=min(widest, 12))
         for run, cells in zip(report.runs, rows):
             style = ("bold green" if run is report.best else "red" if run.status == "failed"
-                     else "yellow" if run.status == "running" else None)
+                     else "yellow" if run.status == "running" else "dim" if run.status == "pruned" else None)
             table.add_row(*(Text(c) for c in cells), style=style)
     console.print(table)
     if len(report.runs) > 1:

@@ -87,7 +87,10 @@ class RunRecord:
 
     @property
     def status(self) -> str:
-        """done, failed, interrupted or running (also a run killed without a chance to say so)."""
+        """done, failed, interrupted, pruned (a `trainctl tune` trial its study stopped) or running (also a run
+        killed without a chance to say so)."""
+        if self.summary.get("stop_reason") == "pruned":
+            return "pruned"
         return self.summary.get("status") or ("running" if self.records else "unknown")
 
     @property

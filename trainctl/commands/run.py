@@ -162,9 +162,10 @@ def hydra_task(cfg: DictConfig) -> Any:
 
 
 def train_job(spec: "RunSpec", run_dir: Path, base_dir: str, overrides: List[str],
-              dist: Optional["Distributed"] = None) -> Dict[str, Any]:
+              dist: Optional["Distributed"] = None, callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
     """Train one job in ``run_dir``, as torchrun processes when it asks for several (a sweep job of
-    `parallelism.nproc_per_node=N`), else in this process, which owns the directory meanwhile."""
+    `parallelism.nproc_per_node=N`), else in this process, which owns the directory meanwhile.
+    ``callbacks``: more callbacks for an in-process run (e.g. `trainctl tune`'s pruning)."""
     from trainctl import rundir
 
     if launch.should_self_launch(spec.parallelism):  # rank 0 of the started job owns the directory
@@ -173,7 +174,7 @@ def train_job(spec: "RunSpec", run_dir: Path, base_dir: str, overrides: List[str
 
     taken = launch.own_run_dir(run_dir, spec)
     try:
-        summary = train(spec, run_dir, base_dir, dist)
+        summary = train(spec, run_dir, base_dir, dist, callbacks)
         if dist is not None:
             dist.close()
     finally:
