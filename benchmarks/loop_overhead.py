@@ -7,8 +7,8 @@ the machine affects both alike), reporting samples/s of each and their ratio (me
   gpt  compute-bound:  GPT 4 layers, d_model 128, seq 128 on a text file, batch 16, accumulation 2
 
 Both loops read the loss every 10 steps and write it to a JSON-lines file; trainctl runs its full loop
-(meter, throughput readings, metrics.jsonl) with checkpoints, evaluation and TensorBoard off, since
-the plain loop has none. Then the time from process start to the first optimizer step of
+(meter, throughput readings, metrics.jsonl) with checkpoints, evaluation, TensorBoard and the training
+accuracy off, since the plain loop has none. Then the time from process start to the first optimizer step of
 `trainctl run` and of `python benchmarks/plain_loop.py` (fresh processes, alternating).
 
     python benchmarks/loop_overhead.py [--rounds 5] [--mlp-steps 300] [--gpt-steps 12]
@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_loop import Workload  # noqa: E402
 
 COMMON = ["scheduler=warmup_cosine", "optimizer=adamw", "regularization.max_grad_norm=1.0", "trainer.max_epochs=null",
-          "trainer.eval_every_n_epochs=null", "checkpoint=off", "logging.tensorboard=false", "logging.progress=none"]
+          "trainer.eval_every_n_epochs=null", "checkpoint=off", "logging.tensorboard=false", "logging.progress=none",
+          "logging.train_metrics=false"]
+"""The plain loop computes no training accuracy; benchmarks/train_metrics_cost.py measures that cost."""
 
 
 def overrides(workload: str, steps: int, text: str) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path("benchmarks").resolve()))
 import loop_overhead as lo  # noqa: E402
 
-BASE = list(lo.COMMON)
+BASE = [o for o in lo.COMMON if not o.startswith("logging.train_metrics=")]
 
 
 def trainctl(workload, steps, text, scratch, on):
