@@ -143,11 +143,17 @@ def _report(result: Any, overrides: List[str], output: Path) -> None:
         print("run: trainctl run " + " ".join([*kept, f"optimizer.lr={first:.3g}"]))
     data: Dict[str, Any] = {**result.as_dict(), "overrides": list(overrides)}
     data["losses"], data["smooth_losses"] = _finite(result.losses), _finite(result.smooth_losses)
+    import importlib.util
+
+    drawn = importlib.util.find_spec("matplotlib") is not None
     try:
         output.mkdir(parents=True, exist_ok=True)
         write_json(output / JSON, data)
-        plot(result, output / PNG)
+        if drawn:
+            plot(result, output / PNG)
     except OSError as exc:
         raise ConfigError("-o", f"could not write into {output}: {exc.strerror or exc} (the suggestions are printed "
                           "above)", "pass -o DIR with a directory you can write to") from None
-    print(f"plot: {output / PNG}\ncurve: {output / JSON}")
+    print(f"plot: {output / PNG}" if drawn else "plot: skipped, matplotlib is not installed "
+          "(pip install 'trainctl[report]')")
+    print(f"curve: {output / JSON}")
