@@ -204,6 +204,23 @@ def test_a_study_stopped_after_five_trials_continues_at_the_sixth(tmp_path, sig)
     unfinished = [t for t in before if t.state in (TrialState.RUNNING, TrialState.FAIL)]
     for t in unfinished:  # the trial the signal cut short: failed, its point asked again
         assert after[t.number].state == TrialState.FAIL
-        assert any(u.number > t.number and u.params == t.params for u in after)
+        if t.params:  # (none when the process died between asking for the trial and sampling it)
+            assert any(u.number > t.number and u.params == t.params for u in after)
     new = [t.number for t in after if t.number not in {k[0] for k in kept} and t.state != TrialState.FAIL]
     assert new and min(new) == sum(t.state != TrialState.WAITING for t in before)  # trial 6 after 5 and the cut one
+
+
+def test_a_trial_left_unclaimed_by_a_dead_process_is_failed_after_a_grace_period(monkeypatch):
+    """A process killed between asking for a trial and recording its pid leaves a RUNNING trial without
+    attributes: failed once older than the grace period, left alone before."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from trainctl import tune
+
+    study = optuna.create_study()
+    trial = study.ask()
+    monkeypatch.setattr(tune, "UNCLAIMED_SECONDS", 3600.0)
+    assert tune.fail_stale(study) == [] and study.trials[0].state == TrialState.RUNNING
+    monkeypatch.setattr(tune, "UNCLAIMED_SECONDS", -1.0)
+    assert tune.fail_stale(study) == [trial.number] and study.trials[0].state == TrialState.FAIL

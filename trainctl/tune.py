@@ -260,14 +260,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+UNCLAIMED_SECONDS = 2.0
+"""A RUNNING trial whose process has not recorded its host and pid after this long was left by a process
+that died between asking for it and recording itself (a live one takes milliseconds)."""
+
+
 def fail_stale(study: Any) -> List[int]:
     """Trials left RUNNING by a process of this machine that no longer exists (killed): marked failed, their
     parameters queued to be tried again. Trials of live processes and of other machines are left alone."""
     from optuna.trial import TrialState
 
+    import datetime
+
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
+        if "pid" not in attrs:  # a process records itself right after asking; one that did not died in between
+            age = datetime.datetime.now() - (trial.datetime_start or datetime.datetime.now())
+            if age.total_seconds() > UNCLAIMED_SECONDS and give_up(study, trial.number, trial.params):
+                failed.append(trial.number)
+            continue
         if attrs.get("host") != socket.gethostname() or not isinstance(attrs.get("pid"), int):
             continue
         if attrs["pid"] == os.getpid() or _alive(attrs["pid"]):
