@@ -30,7 +30,7 @@ from trainctl.console import Display
 from trainctl.files import write_json
 from trainctl.interrupts import stop_on_signals
 from trainctl.metrics import MetricsWriter
-from trainctl.optim import step_closure
+from trainctl.optim import step_closure, takes_closure
 from trainctl.state import RunState
 
 if TYPE_CHECKING:
@@ -51,6 +51,8 @@ class Runner:
         self.clock = Clock(run)
         self.hooks = {name: hooked(run.callbacks, name) for name in HOOKS}
         """The callbacks that override each hook; the others cost nothing."""
+        self.closes = takes_closure(run.optimizer)
+        """The optimizer re-evaluates the window's loss within its step (L-BFGS): it gets a closure."""
         self.final: Dict[str, float] = {}
         """The latest reading of every logged value (the summary's `final`)."""
         self.lr = 0.0
@@ -117,8 +119,8 @@ class Runner:
         guard = self._finite_guard(window_loss) if run.skip_nonfinite else None
         before = self._before_optimizer_step(window, terms) if (run.step_wrappers or self.hooks[
             "on_before_optimizer_step"]) else None
-        # None except for optimizers that re-evaluate the window's loss within their step (L-BFGS)
-        closure = step_closure(run, window_loss, terms, lambda: self._forward_backward(window, terms))
+        closure = step_closure(run, window_loss, terms, lambda: self._forward_backward(window, terms)) if (
+            self.closes) else None
         grad_norm, stepped = run.precision.step(run.optimizer, run.clipper, guard, before, closure)
         if stepped:
             run.scheduler.step()
