@@ -3,6 +3,8 @@
     python tests/faults.py kill-after-step K  -- run ARGS...   # SIGKILL itself right after optimizer step K
     python tests/faults.py term-after-step K  -- run ARGS...   # SIGTERM itself right after optimizer step K
                                                                # (before that step's evaluation and checkpoint)
+    python tests/faults.py term-after-boundary K -- run ARGS... # SIGTERM itself once step K's boundary is done
+                                                               # (after its checkpoint decision)
     python tests/faults.py stall-save N FLAG  -- run ARGS...   # the N-th state.pt write stops half-way,
                                                                # touches FLAG and hangs (the test kills it)
     torchrun ... tests/faults.py raise-once K RANK FLAG -- run ARGS...
@@ -17,17 +19,18 @@ import sys
 import time
 
 
-def signal_after_step(step: int, sig: int) -> None:
+def signal_after(method: str, step: int, sig: int) -> None:
+    """Send ``sig`` to this process once ``Runner.<method>`` returns with the run at ``step``."""
     from trainctl.runner import Runner
 
-    original = Runner.train_step
+    original = getattr(Runner, method)
 
-    def train_step(self, window):
-        original(self, window)
+    def wrapped(self, *args):
+        original(self, *args)
         if self.state.step == step:
             os.kill(os.getpid(), sig)
 
-    Runner.train_step = train_step
+    setattr(Runner, method, wrapped)
 
 
 def stall_save(nth: int, flag: str) -> None:
@@ -75,9 +78,11 @@ def main() -> None:
     split = args.index("--")
     fault, params, cli = args[0], args[1:split], args[split + 1:]
     if fault == "kill-after-step":
-        signal_after_step(int(params[0]), signal.SIGKILL)
+        signal_after("train_step", int(params[0]), signal.SIGKILL)
     elif fault == "term-after-step":
-        signal_after_step(int(params[0]), signal.SIGTERM)
+        signal_after("train_step", int(params[0]), signal.SIGTERM)
+    elif fault == "term-after-boundary":
+        signal_after("_after_step", int(params[0]), signal.SIGTERM)
     elif fault == "stall-save":
         stall_save(int(params[0]), params[1])
     elif fault == "raise-once":

@@ -147,6 +147,21 @@ def test_sigterm_when_an_evaluation_is_due_defers_it_to_the_resumed_run(tmp_path
     _assert_same_run(run_dir, reference("epoch_boundary", EPOCH_BOUNDARY))
 
 
+def test_a_signal_after_a_steps_checkpoint_decision_stops_at_the_next_step_with_a_checkpoint(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    # SIGTERM arrives once step 40's boundary is done (no checkpoint due there): the run trains step 41,
+    # stops there and saves it, instead of stopping at 40 with nothing saved since the start
+    proc = _faulty(["term-after-boundary", "40"], [*EPOCH_BOUNDARY, f"hydra.run.dir={run_dir}"], tmp_path)
+    proc.communicate(timeout=300)
+    assert proc.returncode == 143
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 41
+    assert (run_dir / "checkpoints" / "last").resolve().name == "step-00000041"
+
+    out = trainctl(["resume", str(run_dir)], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    _assert_same_run(run_dir, reference("epoch_boundary", EPOCH_BOUNDARY))
+
+
 def test_sigterm_saves_a_checkpoint_and_resumes_exactly(tmp_path, reference):
     args = [*EPOCH_BOUNDARY, "trainer.max_epochs=25", "checkpoint.every_n_epochs=5"]
     run_dir = tmp_path / "run"

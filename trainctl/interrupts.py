@@ -24,14 +24,15 @@ def stop_on_signals(runner: Any) -> Iterator[None]:
         if runner.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         runner.signal = runner.signal or signum
+        # Only noted here: the runner turns it into a stop at a step boundary, before it decides on that
+        # boundary's evaluation and checkpoint, so a signal arriving at any moment stops with a checkpoint.
+        runner._stop_pending = runner._stop_pending or "interrupted"
         if runner.run.dist is not None:
-            runner._stop_pending = runner._stop_pending or "interrupted"
             log.warning("%s received: every process stops at the next log step or epoch end and a "
                         "checkpoint is saved (press Ctrl-C again to stop now)", signal.Signals(signum).name)
             return
         log.warning("%s received: stopping after the current step and saving a checkpoint "
                     "(press Ctrl-C again to stop now)", signal.Signals(signum).name)
-        runner.state.request_stop("interrupted")
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -60,7 +60,8 @@ class Runner:
         self.notes: Dict[str, Any] = {}
         """What the summary reports besides the readings: the signal, errors."""
         self._stop_pending: Optional[str] = None
-        """Under DDP/FSDP: why this rank wants the job to stop (a signal, a failed write), until the ranks agree."""
+        """Why the run should stop at the next step boundary (a signal; under DDP/FSDP also a failed write,
+        until the ranks agree)."""
         self._session: Tuple[int, int] = (0, 0)
 
     # --- the loop ------------------------------------------------------------------------------------
@@ -228,7 +229,10 @@ class Runner:
         last = state.step >= run.horizon.total_steps
         self.clock.step_done()
         self.display.step(state.step, state.epoch)
-        if run.dist is not None and (epoch_end or self.meter.should_log(state.step)):
+        if run.dist is None:
+            if self._stop_pending is not None:  # a signal during this step (see trainctl.interrupts)
+                state.request_stop(self._stop_pending)
+        elif epoch_end or self.meter.should_log(state.step):
             self._agree_on_stop()
         if self.meter.should_log(state.step):
             self._log_training()
