@@ -105,6 +105,30 @@ def test_ema_half_life_and_copied_buffers():
             assert torch.equal(averaged[name], buffer), f"{name} is copied from the model"
 
 
+def test_ema_of_bf16_weights_is_kept_in_fp32():
+    """Under precision=bf16_true an update of (1 - decay) times a small difference rounds away in bf16:
+    the average is kept in fp32 and follows the hand-computed one."""
+    run, ema, rec = _fit(["precision=bf16_true", "averaging=ema", "averaging.decay=0.999", "averaging.warmup=false",
+                          "trainer.max_steps=6", "trainer.eval_every_n_epochs=null"])
+    params = [n for n, p in run.model.named_parameters()]
+    assert rec.after[1][params[0]].dtype == torch.bfloat16
+    expected = {n: rec.after[1][n].double() for n in params}
+    in_bf16 = {n: rec.after[1][n].clone() for n in params}
+    for step in range(2, 7):
+        expected = {n: 0.999 * expected[n] + 0.001 * rec.after[step][n].double() for n in params}
+        in_bf16 = {n: torch.lerp(in_bf16[n], rec.after[step][n], 0.001) for n in params}
+    averaged = ema.averaged.module.state_dict()
+    assert all(averaged[n].dtype == torch.float32 for n in params)
+    _close(averaged, expected, params)
+    moved = sum(int((expected[n] != rec.after[1][n].double()).sum()) for n in params)
+    stuck = sum(int((in_bf16[n] != rec.after[1][n]).sum()) for n in params)
+    total = sum(rec.after[1][n].numel() for n in params)
+    assert moved > 0.5 * total and stuck < 0.05 * total, "an average kept in bf16 would barely have moved"
+    # the final weights are the average, rounded to the model's bf16
+    for n in params:
+        assert torch.equal(run.model.state_dict()[n], averaged[n].to(torch.bfloat16))
+
+
 def test_swa_averages_the_epoch_end_snapshots_under_the_swa_lr():
     run, swa, rec = _fit(["averaging=swa", "averaging.start_epoch=1", "averaging.swa_lr=0.0003",
                           "averaging.anneal_epochs=0", "trainer.max_epochs=4", "trainer.eval_every_n_epochs=1",

@@ -23,7 +23,7 @@ from trainctl.groups import CONF_DIR, GROUPS, RECIPES_DIR, Group  # noqa: F401 (
 from trainctl.loss import LossSpec, loss_problem
 from trainctl.metrics import MODE_OF, VAL_METRICS, LoggingSpec, default_monitor
 from trainctl.adapters import PeftSpec
-from trainctl.averaging import AveragingSpec, averaging_problem
+from trainctl.averaging_specs import AveragingSpec, averaging_problem
 from trainctl.model import MODELS, absolute_path, is_custom, task_compatible, validate_model
 from trainctl.optim import OptimizerSpec
 from trainctl.parallel import ParallelismSpec
