@@ -253,3 +253,34 @@ def test_a_killed_rank_0_is_recorded_by_the_launcher(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["stop_reason"] == "failed"
     assert "torchrun exited with code" in summary["error"] and summary["steps"] > 0, summary
+
+
+def test_swa_batch_norm_statistics_under_ddp_are_the_mean_over_every_ranks_share(tmp_path):
+    """update_bn runs on each rank's share of the last epoch's batches; the ranks then hold the mean of
+    their statistics, which the final weights keep."""
+    import torch.nn.functional as F
+
+    from conftest import compose
+    from trainctl import data as data_mod
+    from trainctl.batches import build_batches
+
+    args = ["model=cnn", "model.channels=[4]", "averaging=swa", "averaging.start_epoch=0", "trainer.max_epochs=2",
+            "data.batch_size=256", "logging.progress=none", "logging.tensorboard=false", "checkpoint.save_best=false"]
+    out = _torchrun([*args, "parallelism=ddp", f"hydra.run.dir={tmp_path / 'ddp'}"], tmp_path, 29661)
+    assert out.returncode == 0, out.stderr[-3000:]
+    final = load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    spec = compose(args)
+    arrays = data_mod.load(spec.data)
+    per_rank = []
+    for rank in (0, 1):
+        train = build_batches(spec.data, arrays, torch.device("cpu"), rank=rank, world_size=2).train
+        stats = []
+        with torch.no_grad():
+            for x, _ in train.epoch(1):  # the last epoch's batches: this rank's share of each
+                h = F.conv2d(x, final["blocks.0.0.weight"], final.get("blocks.0.0.bias"), padding=1)
+                stats.append(torch.stack([h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=True)]))
+        per_rank.append(torch.stack(stats).mean(0))
+    expected = (per_rank[0] + per_rank[1]) / 2
+    torch.testing.assert_close(final["blocks.0.1.running_mean"], expected[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(final["blocks.0.1.running_var"], expected[1], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(final["blocks.0.1.running_var"], per_rank[0][1], rtol=1e-3), "not rank 0's alone"

@@ -246,7 +246,8 @@ class SWA(Averaging):
 
     def _recompute_bn(self, run: "Run", state: "RunState") -> None:
         """Batch-norm statistics of the training data under the averaged weights (torch's update_bn, on
-        the model with the average swapped in; the RNG states are left as they were)."""
+        the model with the average swapped in; the RNG states are left as they were). Under DDP every rank
+        takes the mean of the ranks' statistics, so all hold the same."""
         import torch
         from torch.nn.modules.batchnorm import _BatchNorm
         from torch.optim.swa_utils import update_bn
@@ -260,6 +261,11 @@ class SWA(Averaging):
         with torch.random.fork_rng(devices=devices), run.precision.autocast():
             _copy(model, averaged)
             update_bn(run.data.train.epoch(state.epoch), run.model)
+        if run.dist is not None:  # each rank saw its share of every batch: the mean over all of them
+            for bn in (m for m in run.model.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None):
+                for stat in (bn.running_mean, bn.running_var):
+                    stat.div_(run.world_size)
+                    run.dist.sum(stat)
         _copy(list(self.averaged.module.buffers()), list(run.model.buffers()))
         _copy(model, backup)
         log.info("batch-norm statistics recomputed over the training data under the averaged weights")
