@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, trainctl
+from conftest import REPO, resume_and_compare, trainctl
 from trainctl.errors import ConfigError
 
 QUIET = ["logging.progress=none", "logging.tensorboard=false"]
@@ -257,9 +257,11 @@ def test_sigkill_then_resume_of_augmented_images_is_bitwise_exact(digit_images, 
 
 def _kill_and_resume(args: List[str], kill_at: int, resumes_from: int, cwd: Path) -> None:
     """SIGKILL a run right after step ``kill_at``, resume it, and compare it with the uninterrupted run."""
-    reference = cwd / "reference"
-    out = trainctl(["run", *args, f"hydra.run.dir={reference}"], cwd=cwd)
-    assert out.returncode == 0, out.stderr
+    def make_reference(name: str = "reference") -> Path:
+        out = trainctl(["run", *args, f"hydra.run.dir={cwd / name}"], cwd=cwd)
+        assert out.returncode == 0, out.stderr
+        return cwd / name
+    reference = make_reference()
     run_dir = cwd / "run"
     proc = subprocess.Popen([sys.executable, FAULTS, "kill-after-step", str(kill_at), "--", "run", *args,
                              f"hydra.run.dir={run_dir}"], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -267,9 +269,9 @@ def _kill_and_resume(args: List[str], kill_at: int, resumes_from: int, cwd: Path
     proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL
     assert (run_dir / "checkpoints" / "last").resolve().name == f"step-{resumes_from:08d}"
-    out = trainctl(["resume", str(run_dir)], cwd=cwd)
-    assert out.returncode == 0, out.stderr
-    a, b = load_file(str(run_dir / "model.safetensors")), load_file(str(reference / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs after resuming"
+    def same_weights(resumed: Path, ref: Path) -> None:
+        a, b = load_file(str(resumed / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{key} differs after resuming"
+    resume_and_compare(run_dir, cwd, reference, same_weights, lambda: make_reference("reference-2"))

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_then_signal, trainctl
+from conftest import REPO, resume_and_compare, run_then_signal, trainctl
 from trainctl.metrics import TIMING_KEYS
 
 FAULTS = str(REPO / "tests" / "faults.py")
@@ -72,8 +72,9 @@ def reference(tmp_path_factory):
     """Uninterrupted runs, one per configuration, made once for the module."""
     made: Dict[str, Path] = {}
 
-    def get(name: str, args: List[str]) -> Path:
-        if name not in made:
+    def get(name: str, args: List[str], fresh: bool = False) -> Path:
+        """The reference run of ``name``; ``fresh``: made again (it replaces the one made before)."""
+        if fresh or name not in made:
             run_dir = tmp_path_factory.mktemp("reference") / name
             out = trainctl(["run", *args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent)
             assert out.returncode == 0, out.stderr
@@ -99,11 +100,10 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path, reference, name, args, k
     assert (run_dir / "checkpoints" / "last").resolve().name == f"step-{resumes_from:08d}"
     assert max(r["step"] for r in _metrics(run_dir)) > resumes_from, "the killed run logged past its checkpoint"
 
-    out = trainctl(["resume", str(run_dir)], cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    resume_and_compare(run_dir, tmp_path, reference(name, args), _assert_same_run,
+                       lambda: reference(name, args, fresh=True))
     log = (run_dir / "trainctl.log").read_text()
     assert f"resuming from {run_dir / 'checkpoints' / f'step-{resumes_from:08d}'}" in log
-    _assert_same_run(run_dir, reference(name, args))
 
 
 def test_kill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path, reference):
@@ -124,10 +124,9 @@ def test_kill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path, ref
     from trainctl.checkpoint import newest_valid
     assert newest_valid(ckpts).step == 15
 
-    out = trainctl(["resume", str(run_dir)], cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    resume_and_compare(run_dir, tmp_path, reference("mid_epoch", MID_EPOCH), _assert_same_run,
+                       lambda: reference("mid_epoch", MID_EPOCH, fresh=True))
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")], "the leftover was cleaned up"
-    _assert_same_run(run_dir, reference("mid_epoch", MID_EPOCH))
 
 
 def test_sigterm_when_an_evaluation_is_due_defers_it_to_the_resumed_run(tmp_path, reference):
@@ -142,9 +141,8 @@ def test_sigterm_when_an_evaluation_is_due_defers_it_to_the_resumed_run(tmp_path
     from trainctl.checkpoint import read_checkpoint
     assert read_checkpoint(run_dir / "checkpoints" / "last").state["run"]["eval_pending"]
 
-    out = trainctl(["resume", str(run_dir)], cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    _assert_same_run(run_dir, reference("epoch_boundary", EPOCH_BOUNDARY))
+    resume_and_compare(run_dir, tmp_path, reference("epoch_boundary", EPOCH_BOUNDARY), _assert_same_run,
+                       lambda: reference("epoch_boundary", EPOCH_BOUNDARY, fresh=True))
 
 
 def test_a_signal_after_a_steps_checkpoint_decision_stops_at_the_next_step_with_a_checkpoint(tmp_path, reference):
@@ -157,9 +155,8 @@ def test_a_signal_after_a_steps_checkpoint_decision_stops_at_the_next_step_with_
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 41
     assert (run_dir / "checkpoints" / "last").resolve().name == "step-00000041"
 
-    out = trainctl(["resume", str(run_dir)], cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    _assert_same_run(run_dir, reference("epoch_boundary", EPOCH_BOUNDARY))
+    resume_and_compare(run_dir, tmp_path, reference("epoch_boundary", EPOCH_BOUNDARY), _assert_same_run,
+                       lambda: reference("epoch_boundary", EPOCH_BOUNDARY, fresh=True))
 
 
 def test_sigterm_saves_a_checkpoint_and_resumes_exactly(tmp_path, reference):
@@ -173,6 +170,5 @@ def test_sigterm_saves_a_checkpoint_and_resumes_exactly(tmp_path, reference):
     assert 0 < stopped < 25 * 23
     assert (run_dir / "checkpoints" / "last").resolve().name == f"step-{stopped:08d}", "saved where it stopped"
 
-    out = trainctl(["resume", str(run_dir)], cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    _assert_same_run(run_dir, reference("sigterm", args))
+    resume_and_compare(run_dir, tmp_path, reference("sigterm", args), _assert_same_run,
+                       lambda: reference("sigterm", args, fresh=True))

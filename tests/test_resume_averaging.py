@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import trainctl
+from conftest import resume_and_compare, trainctl
 from test_resume import COMMON, _assert_same_run, _faulty, _metrics
 
 pytestmark = pytest.mark.slow
@@ -39,10 +39,12 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path, name, args, kill_at):
     assert proc.returncode == -signal.SIGKILL
     resumes_from = int((run_dir / "checkpoints" / "last").resolve().name.split("-")[1])
     assert 6 < resumes_from < kill_at
-    out = trainctl(["resume", str(run_dir)], cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
+    def remake() -> Path:
+        again = tmp_path / "reference-2"
+        assert trainctl(["run", *args, f"hydra.run.dir={again}"], cwd=tmp_path).returncode == 0
+        return again
+    resume_and_compare(run_dir, tmp_path, reference, _assert_same_run, remake)
     assert f"resuming from {run_dir / 'checkpoints' / f'step-{resumes_from:08d}'}" in (run_dir / "trainctl.log").read_text()
-    _assert_same_run(run_dir, reference)
 
     # the final weights are the average the last checkpoint holds (not the trained weights it saved)
     from trainctl.checkpoint import read_checkpoint

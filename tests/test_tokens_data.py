@@ -18,7 +18,7 @@ from typing import List
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_resumed_exactly, compose, trainctl
+from conftest import REPO, assert_resumed_exactly, compose, resume_and_compare, trainctl
 from trainctl import tokens_data
 from trainctl.commands import prepare_tokens
 from trainctl.data import load
@@ -409,13 +409,14 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path_factory, sampling, worker
         markov_tokens(2_561, 0).tofile(data / "train.bin")  # 160 windows of 16 (+1)
     args = [*RESUME, f"data.path={data}", f"data.sampling={sampling}", f"data.num_workers={workers}",
             *(["data.samples_per_epoch=160"] if sampling == "random" else [])]
-    reference, run_dir = data / "reference", data / "run"
-    out = trainctl(["run", *args, f"hydra.run.dir={reference}"], cwd=data)
-    assert out.returncode == 0, out.stderr[-3000:]
+    def make_reference(name: str = "reference") -> Path:
+        out = trainctl(["run", *args, f"hydra.run.dir={data / name}"], cwd=data)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return data / name
+    reference, run_dir = make_reference(), data / "run"
     killed = _faulty([*args, f"hydra.run.dir={run_dir}"], 15, data)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (run_dir / "checkpoints" / "last").resolve().name == "step-00000012"
-    out = trainctl(["resume", str(run_dir)], cwd=data)
-    assert out.returncode == 0, out.stderr[-3000:]
+    resume_and_compare(run_dir, data, reference, lambda a, b: assert_resumed_exactly(a, b, list(range(1, 31))),
+                       lambda: make_reference("reference-2"))
     assert "resuming from" in (run_dir / "trainctl.log").read_text()
-    assert_resumed_exactly(run_dir, reference, list(range(1, 31)))
