@@ -76,8 +76,8 @@ def resume_and_compare(run_dir: Path, cwd: Path, reference: Path, compare: Calla
     """`trainctl resume RUN_DIR`, then ``compare(RUN_DIR, reference)``, which asserts bitwise equality.
 
     Now and then one CPU process ends a few ulps away from another given the same code and inputs (on
-    the 2-core VM the suite runs on: 3 of about 430 resumes of one and the same checkpoint, and never again
-    when that copy was resumed once more). So a mismatch is checked twice more before the test fails:
+    the 2-core VM the suite runs on: 3 of about 430 resumes of one and the same checkpoint, never
+    reproducible on demand). So a mismatch is checked twice more before the test fails:
     the same resume again, from a copy of the run directory taken before the first, and then a reference
     made again (``remake``). A resume that does not continue exactly fails every time; a mismatch that
     does not come back is reported as a warning, not hidden."""
