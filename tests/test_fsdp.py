@@ -103,6 +103,27 @@ def test_the_gpt_with_tied_weights_trains_like_ddp(tmp_path, text_file):
 
 
 @pytest.mark.slow
+def test_agc_and_the_penalties_act_on_sharded_parameters_as_on_whole_ones(tmp_path):
+    """AGC's units are rows along dim 0, which FSDP2 shards whole; the penalties' norms are global."""
+    args = [*COMMON, "trainer.max_steps=6", "regularization.agc_clipping=0.002", "regularization.l1=1e-4",
+            "regularization.l2=1e-3", "regularization.weight_decay=0"]
+    for name, port in (("ddp", 29721), ("fsdp", 29722)):
+        out = trainctl(["run", *args, f"parallelism={name}", f"parallelism.rdzv_endpoint=localhost:{port}",
+                        f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path, env=ENV)
+        assert out.returncode == 0, out.stderr[-3000:]
+    _assert_same_training(tmp_path / "fsdp", tmp_path / "ddp")
+    penalties = [(r["train/penalty"], s["train/penalty"]) for r, s in zip(_records(tmp_path / "fsdp"),
+                                                                          _records(tmp_path / "ddp")) if "train/penalty" in s]
+    assert penalties and all(a == pytest.approx(b, rel=1e-5) for a, b in penalties)
+    plain = trainctl(["run", *COMMON, "trainer.max_steps=6", "regularization.weight_decay=0", "parallelism=fsdp",
+                      "parallelism.rdzv_endpoint=localhost:29723", f"hydra.run.dir={tmp_path / 'plain'}"],
+                     cwd=tmp_path, env=ENV)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "fsdp" / "model.safetensors")), load_file(str(tmp_path / "plain" / "model.safetensors"))
+    assert any((a[k] - b[k]).abs().max() > 1e-4 for k in a), "AGC and the penalties changed the training"
+
+
+@pytest.mark.slow
 def test_sharded_checkpoints_resume_exactly_and_one_process_can_evaluate_them(tmp_path):
     from conftest import assert_resumed_exactly, run_then_signal
 

@@ -159,7 +159,7 @@ def clip_unitwise_(w: "torch.Tensor", g: "torch.Tensor", clipping: float, eps: f
     ``clipping * max(||w_i||, eps)`` to that norm."""
     import torch
 
-    limit = unit_norms(w).clamp_min_(eps).mul_(clipping)
+    limit = unit_norms(w).clamp_min(eps) * clipping  # out of place: a sharded vector's norm is a partial sum
     norm = unit_norms(g)
     factor = torch.where(norm > limit, limit / norm.clamp_min(1e-12), 1.0)
     g.mul_(factor.to(g.dtype))
