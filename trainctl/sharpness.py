@@ -48,33 +48,48 @@ class SAM:
         if not live:
             recompute()
             return
+        local = _locals(live)
         with torch.no_grad():
-            saved = [p.detach().clone() for p in live]
-            torch._foreach_add_(live, self.perturbation(live))
+            saved = [t.detach().clone() for t in local]
+            torch._foreach_add_(local, self.perturbation(live))
             stats = [(b, b.clone()) for m in self._norm_layers for b in m.buffers() if b is not None]
         try:
             recompute()  # fresh gradients at w + e, into zeroed p.grad
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(live, saved)
+                torch._foreach_copy_(local, saved)
                 for buffer, value in stats:
                     buffer.copy_(value)
 
     def perturbation(self, live: List["torch.Tensor"]) -> List["torch.Tensor"]:
-        """e for each parameter in ``live``, computed in place in their gradients (replaced by recompute)."""
+        """e for each parameter in ``live`` (its local shard under FSDP), computed in place in their gradients
+        (replaced by recompute)."""
         import torch
 
         grads = [p.grad for p in live]
+        local = _locals(grads)
         if self.adaptive:
-            scale = torch._foreach_abs(live)
+            scale = torch._foreach_abs(_locals(live))
             torch._foreach_add_(scale, self.eta)  # T = |w| + eta
-            torch._foreach_mul_(grads, scale)  # T g
+            torch._foreach_mul_(local, scale)  # T g
             norm = _global_norm(grads)
-            torch._foreach_mul_(grads, scale)  # T^2 g
+            torch._foreach_mul_(local, scale)  # T^2 g
         else:
             norm = _global_norm(grads)
-        torch._foreach_mul_(grads, self.rho / (norm + 1e-12))
-        return grads
+        torch._foreach_mul_(local, self.rho / (norm + 1e-12))
+        return local
+
+
+def _locals(tensors: List["torch.Tensor"]) -> List["torch.Tensor"]:
+    """Each tensor, or under FSDP this rank's shard of it (sharing its storage): the elementwise steps run
+    on the shards as one foreach op each, the norm on the sharded tensors (a global value)."""
+    import torch.distributed
+
+    if not torch.distributed.is_available():
+        return list(tensors)
+    from torch.distributed.tensor import DTensor
+
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 def _global_norm(tensors: List["torch.Tensor"]) -> "torch.Tensor":
@@ -91,10 +106,4 @@ def build_sam(spec: Any) -> Optional[SAM]:
     reg = spec.regularization
     if reg.sam_rho is None:
         return None
-    if spec.parallelism.sharded:
-        from trainctl.errors import ConfigError
-
-        raise ConfigError("regularization.sam_rho", "SAM under FSDP is not supported: it perturbs and restores "
-                          "every parameter between two passes, which trainctl has not verified on sharded "
-                          "parameters", "set parallelism=ddp (or regularization.sam_rho=null)")
     return SAM(reg.sam_rho, reg.sam_adaptive, reg.sam_eta)

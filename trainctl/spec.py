@@ -139,9 +139,6 @@ class RunSpec:
         reg, fp16 = self.regularization, self.precision.name == "fp16"
         check(reg.sam_rho is None or not fp16, "regularization.sam_rho", "SAM takes a second forward/backward "
               "pass, which fp16's loss scaler cannot unscale twice in one step", "set precision=bf16 (or fp32)")
-        check(reg.sam_rho is None or not self.parallelism.sharded, "regularization.sam_rho", "SAM is not "
-              "available with parallelism=fsdp (its perturbation of sharded parameters is not verified)",
-              "set parallelism=ddp")
         methods = [name for name, on in (("SAM", reg.sam_rho is not None), ("AGC", reg.agc_clipping is not None),
                                          ("the l1/l2 penalty", bool(reg.l1 or reg.l2))) if on]
         check_closure_fits(self.optimizer.name, fp16=fp16, wrappers=methods,
