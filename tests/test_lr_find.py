@@ -112,3 +112,31 @@ def test_cli_end_to_end(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lr_find.json", "lr_find.png"]
     bad = trainctl(["lr-find", "optimizer.lrr=1"], tmp_path)
     assert bad.returncode == 2 and "optimizer.lrr" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_takes_part_and_the_curve_is_the_whole_batchs(tmp_path):
+    """2 ranks with 32 samples each record the same losses as one process with the 64 together; rank 0
+    alone prints and writes."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["--steps", "20", "model.dropout=0", "logging.progress=none"]
+    single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
+    single_dir.mkdir()
+    ddp_dir.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    single = subprocess.run([sys.executable, "-m", "trainctl", "lr-find", *common, "data.batch_size=64"],
+                            cwd=single_dir, capture_output=True, text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29671",
+                          "-m", "trainctl", "lr-find", *common, "data.batch_size=32", "parallelism=ddp"],
+                         cwd=ddp_dir, capture_output=True, text=True, timeout=300, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = (json.loads((d / "lr_find.json").read_text()) for d in (single_dir, ddp_dir))
+    assert two["lrs"] == one["lrs"]
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+    assert sorted(p.name for p in ddp_dir.iterdir()) == ["lr_find.json", "lr_find.png"]
+    assert len(re.findall(r"^  optimizer\.lr=", ddp.stdout, re.M)) == 2, "printed once, by rank 0"
