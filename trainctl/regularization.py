@@ -157,3 +157,8 @@ class GradClipper:
 def _full(norm: "torch.Tensor") -> "torch.Tensor":
     """A norm over FSDP's sharded gradients is a DTensor; the global value as a plain tensor."""
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _local(t: "torch.Tensor") -> "torch.Tensor":
+    """Under FSDP: this rank's shard of a sharded tensor (sharing its storage); any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t

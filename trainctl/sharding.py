@@ -216,8 +216,7 @@ def state_mib(model: "nn.Module", optimizer: "torch.optim.Optimizer") -> Dict[st
     parameters during a step) and optimizer state. Under FSDP about 1/N of one process's figures."""
     import torch
 
-    def local(t: "torch.Tensor") -> "torch.Tensor":
-        return t.to_local() if hasattr(t, "to_local") else t
+    from trainctl.regularization import _local as local
 
     params = list({id(p): p for p in model.parameters()}.values())
     param_bytes = sum(local(p).numel() * p.element_size() for p in params)

@@ -83,13 +83,9 @@ class SAM:
 def _locals(tensors: List["torch.Tensor"]) -> List["torch.Tensor"]:
     """Each tensor, or under FSDP this rank's shard of it (sharing its storage): the elementwise steps run
     on the shards as one foreach op each, the norm on the sharded tensors (a global value)."""
-    import torch.distributed
+    from trainctl.regularization import _local
 
-    if not torch.distributed.is_available():
-        return list(tensors)
-    from torch.distributed.tensor import DTensor
-
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return [_local(t) for t in tensors]
 
 
 def _global_norm(tensors: List["torch.Tensor"]) -> "torch.Tensor":
